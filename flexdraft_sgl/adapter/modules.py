@@ -1,0 +1,155 @@
+"""The adapter's weights: the only trained part of FlexDraft.
+
+  mask_embedding     [H]: the hidden state every mask row enters the split layer with
+  attention[i]       tuned q/k/v/o projectors (and q/k norms where the target has them) for mask rows in the i-th of
+                     the final N layers; candidate and prompt rows keep the target's own
+  calibration        Linear(2H -> r) -> SiLU -> Linear(r -> V) over [embedding(bonus), final-normed mask hidden],
+                     added to the mask row's draft logits
+
+Saved as a folder: `flexdraft_adapter.json` (AdapterConfig) and `adapter.safetensors`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import AdapterConfig, AdapterError, TargetSpec
+
+CONFIG_FILE = "flexdraft_adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMS norm with the same arithmetic as the Llama-family targets' (float32 inside)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class TunedAttention(nn.Module):
+    """Mask rows' own attention projectors for one of the final N layers."""
+
+    def __init__(self, spec: TargetSpec, eps: float = 1e-6):
+        super().__init__()
+        H, hd = spec.hidden_size, spec.head_dim
+        bias = spec.attention_bias
+        self.q_proj = nn.Linear(H, spec.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(H, spec.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(H, spec.num_kv_heads * hd, bias=bias)
+        # Qwen2 has biases on q/k/v only; o_proj follows the target module when initialised from it.
+        self.o_proj = nn.Linear(spec.num_heads * hd, H, bias=bias and spec.architecture != "Qwen2ForCausalLM")
+        self.q_norm = RMSNorm(hd, eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(hd, eps) if spec.qk_norm else None
+
+    def copy_from(self, target_attention: nn.Module) -> None:
+        """Initialise from the target layer's attention (the spec: tuned projectors start as the target's)."""
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine.load_state_dict(getattr(target_attention, name).state_dict())
+
+
+class CalibrationMLP(nn.Module):
+    """Bonus-guided calibration: a logit correction from [embedding(bonus), draft hidden]."""
+
+    def __init__(self, hidden_size: int, rank: int, vocab_size: int):
+        super().__init__()
+        self.up = nn.Linear(2 * hidden_size, rank)
+        self.down = nn.Linear(rank, vocab_size)
+        # Zero output layer: an untrained adapter calibrates nothing instead of adding noise.
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, bonus_embedding: Tensor, hidden: Tensor) -> Tensor:
+        return self.down(nn.functional.silu(self.up(torch.cat([bonus_embedding, hidden], dim=-1))))
+
+
+class FlexDraftAdapter(nn.Module):
+    def __init__(self, config: AdapterConfig, rms_norm_eps: float = 1e-6):
+        super().__init__()
+        spec = config.target
+        self.config = config
+        self.mask_embedding = nn.Parameter(torch.zeros(spec.hidden_size))
+        self.attention = nn.ModuleList(TunedAttention(spec, rms_norm_eps) for _ in range(config.tuned_depth))
+        self.calibration = CalibrationMLP(spec.hidden_size, config.calibration_rank, spec.vocab_size)
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def init_from_target(cls, model: nn.Module, *, tuned_depth: int, block_size: int = 16,
+                         calibration_rank: int = 256, tokenizer=None, target_name: str = "",
+                         seed: int = 0) -> FlexDraftAdapter:
+        """An untrained adapter for a Hugging Face target: projectors copied from its final `tuned_depth` layers, the
+        mask embedding set to the mean token embedding, calibration initialised to add nothing."""
+        from .config import vocab_digest
+
+        spec = TargetSpec.from_hf_config(model.config)
+        config = AdapterConfig(
+            target=spec, tuned_depth=tuned_depth, block_size=block_size, calibration_rank=calibration_rank,
+            target_name=target_name, vocab_digest=vocab_digest(tokenizer) if tokenizer is not None else None,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            adapter = cls(config, rms_norm_eps=getattr(model.config, "rms_norm_eps", 1e-6))
+        layers = model.model.layers
+        for i, tuned in enumerate(adapter.attention):
+            tuned.copy_from(layers[config.split_layer + i].self_attn)
+        with torch.no_grad():
+            adapter.mask_embedding.copy_(model.get_input_embeddings().weight.float().mean(0))
+        param = next(model.parameters())
+        return adapter.to(device=param.device, dtype=param.dtype)
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": self.config.format})
+        (directory / CONFIG_FILE).write_text(self.config.to_json())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, target_config=None, tokenizer=None, device=None,
+             dtype=None) -> FlexDraftAdapter:
+        """Load an adapter folder; with `target_config` (a transformers config) refuse it unless it was built for
+        that target, naming the mismatch."""
+        from .config import vocab_digest
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not directory.is_dir():
+            raise AdapterError(f"adapter folder {directory} does not exist")
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise AdapterError(f"{path} is missing: not a FlexDraft adapter folder")
+        config = AdapterConfig.from_json(config_path.read_text(), source=str(config_path))
+        if target_config is not None:
+            config.check_target(
+                TargetSpec.from_hf_config(target_config),
+                vocab_digest(tokenizer) if tokenizer is not None else None,
+            )
+        eps = getattr(target_config, "rms_norm_eps", 1e-6) if target_config is not None else 1e-6
+        adapter = cls(config, rms_norm_eps=eps)
+        state = load_file(str(weights_path))
+        expected = adapter.state_dict()
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+            for k, v in expected.items() if k in state and state[k].shape != v.shape
+        ]
+        if problems:
+            raise AdapterError(f"{weights_path} does not match its config: " + "; ".join(problems[:5]))
+        adapter.load_state_dict(state)
+        return adapter.to(device=device, dtype=dtype or next(iter(state.values())).dtype)

@@ -1,0 +1,179 @@
+"""The `flexdraft` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="Hugging Face folder of the target (Llama, Qwen2 or Qwen3); 'default' = the embedded "
+                        "SmolLM2-135M-Instruct (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def cmd_prepare_default(args) -> int:
+    from .default_model import prepare_default_model
+
+    path = prepare_default_model(force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_init_adapter(args) -> int:
+    from .adapter import FlexDraftAdapter
+    from .reference.hf import load_target
+
+    model, tokenizer, path = load_target(args.model, args.dtype)
+    adapter = FlexDraftAdapter.init_from_target(
+        model, tuned_depth=args.tuned_depth, block_size=args.block_size, calibration_rank=args.rank,
+        tokenizer=tokenizer, target_name=path, seed=args.seed,
+    )
+    print(f"untrained adapter for {path} written to {adapter.save(args.out)}")
+    return 0
+
+
+def _build_engine(args):
+    from .adapter import FlexDraftAdapter
+    from .core.policy import ForwardCostTable
+    from .reference import ReferenceEngine
+    from .reference.hf import load_target
+
+    model, tokenizer, path = load_target(args.model, args.dtype)
+    if args.adapter:
+        adapter = FlexDraftAdapter.load(args.adapter, target_config=model.config, tokenizer=tokenizer)
+        if not adapter.config.trained:
+            print(f"note: adapter {args.adapter} is marked untrained", file=sys.stderr)
+    else:
+        adapter = FlexDraftAdapter.init_from_target(
+            model, tuned_depth=args.tuned_depth, block_size=args.block_size, calibration_rank=args.rank,
+            tokenizer=tokenizer, target_name=path,
+        )
+        print("adapter: UNTRAINED (initialised from the target; no trained adapter is given or shipped yet), so "
+              "few drafts are accepted and no speed-up is expected. Output is exact either way.", file=sys.stderr)
+    cost = ForwardCostTable.load(args.cost_table) if args.cost_table else None
+    return ReferenceEngine(model, adapter, tokenizer, cost_table=cost), model, tokenizer
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .core.sampling import SamplingParams
+    from .reference.hf import prompt_tokens, stop_tokens
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine, model, tokenizer = _build_engine(args)
+    texts = args.prompt or [DEFAULT_PROMPT]
+    prompts = [prompt_tokens(tokenizer, t, chat=not args.raw) for t in texts]
+    sampling = SamplingParams.make(len(prompts), args.temperature, args.top_k, args.top_p)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stop_tokens(model, tokenizer),
+                  verify_len=args.verify_len, seed=args.seed)
+
+    engine.generate(prompts, **{**kwargs, "max_new_tokens": 4}, mode="plain")  # warm-up, not timed
+    started = time.perf_counter()
+    results = engine.generate(prompts, mode=args.mode, **kwargs)
+    spec_seconds = time.perf_counter() - started
+    baseline = None
+    if not args.no_compare and args.mode != "plain":
+        started = time.perf_counter()
+        baseline = engine.generate(prompts, mode="plain", **kwargs)
+        plain_seconds = time.perf_counter() - started
+
+    report = []
+    for text, res in zip(texts, results):
+        s = res.stats
+        report.append({
+            "prompt": text, "output": tokenizer.decode(res.tokens, skip_special_tokens=True),
+            "tokens": len(res.tokens), "finish_reason": res.finish_reason, "tau": round(s.tau, 3),
+            "mean_accepted": round(s.mean_accepted, 3), "accepted_hist": s.accepted_hist, "forwards": s.forwards,
+            "shallow_rows": s.shallow_rows, "deep_rows": s.deep_rows,
+        })
+    generated = sum(len(r.tokens) for r in results)
+    summary = {"mode": args.mode, "generated_tokens": generated, "seconds": round(spec_seconds, 3),
+               "tokens_per_second": round(generated / spec_seconds, 2)}
+    if baseline is not None:
+        plain_generated = sum(len(r.tokens) for r in baseline)
+        summary.update(
+            plain_seconds=round(plain_seconds, 3),
+            plain_tokens_per_second=round(plain_generated / plain_seconds, 2),
+            speedup=round((generated / spec_seconds) / (plain_generated / plain_seconds), 3),
+            identical_to_plain=[a.tokens == b.tokens for a, b in zip(results, baseline)],
+        )
+    if args.json:
+        print(json.dumps({"requests": report, "summary": summary}, indent=2))
+        return 0
+    for r in report:
+        print(f"\n>>> {r['prompt']}\n{r['output']}")
+        print(f"[{r['tokens']} tokens, {r['finish_reason']}; tau {r['tau']} tokens/step, accepted-length histogram "
+              f"{r['accepted_hist']}, {r['forwards']} forwards]")
+    print(f"\n{args.mode}: {summary['tokens_per_second']} tokens/s", end="")
+    if baseline is not None:
+        same = "identical" if all(summary["identical_to_plain"]) else "DIFFERENT"
+        print(f"; plain decoding: {summary['plain_tokens_per_second']} tokens/s; speed-up {summary['speedup']}x "
+              f"(measured in this run); output {same} to plain decoding", end="")
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexdraft", description="FlexDraft: lossless self-speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-default", help="convert the embedded SmolLM2-135M-Instruct into a cached HF folder")
+    p.add_argument("--force", action="store_true", help="convert again even if the cache exists")
+    p.set_defaults(func=cmd_prepare_default)
+
+    def adapter_shape(p):
+        p.add_argument("--tuned-depth", type=int, default=4, help="N, final layers with tuned projectors")
+        p.add_argument("--block-size", type=int, default=16, help="B, mask rows per block")
+        p.add_argument("--rank", type=int, default=256, help="r, calibration MLP width")
+
+    p = sub.add_parser("init-adapter", help="write an untrained adapter initialised from a target")
+    _add_model_args(p)
+    adapter_shape(p)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_adapter)
+
+    p = sub.add_parser("generate", help="generate with the reference engine and compare with plain decoding",
+                       description="Generate with FlexDraft on the reference (Hugging Face) engine, then with plain "
+                                   "decoding in the same process, and report tokens per step and the speed-up.")
+    p.add_argument("prompt", nargs="*", help=f"prompt text(s), batched together (default: {DEFAULT_PROMPT!r})")
+    _add_model_args(p)
+    p.add_argument("--adapter", help="adapter folder; without it an untrained adapter is built from the target")
+    adapter_shape(p)
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential", "flex", "plain"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--verify-len", type=int, help="drafts verified per step (default: the adapter's confidence rule)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--cost-table", help="JSON forward-cost table for --mode flex")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
+    p.add_argument("--no-compare", action="store_true", help="skip the plain-decoding baseline run")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .adapter import AdapterError, UnsupportedTargetError
+
+    try:
+        return args.func(args)
+    except (AdapterError, UnsupportedTargetError, FileNotFoundError, ValueError) as e:
+        print(f"flexdraft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

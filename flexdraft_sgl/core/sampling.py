@@ -1,0 +1,71 @@
+"""Sampling filters and draws, applied identically to target and draft distributions.
+
+Speculative sampling is lossless only if the draft distribution q and the target distribution p are filtered by the
+same rule, so both go through `filtered_probs`. Temperature 0 means greedy: the distribution becomes one-hot at the
+argmax, which turns the rejection rule of `acceptance.py` into exact greedy matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request settings, each a [bs] tensor. top_k <= 0 and top_p >= 1 switch the filter off."""
+
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+
+    @classmethod
+    def make(cls, batch_size: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, device=None):
+        full = lambda v, dt: torch.full((batch_size,), v, dtype=dt, device=device)  # noqa: E731
+        return cls(full(temperature, torch.float32), full(top_k, torch.long), full(top_p, torch.float32))
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool((self.temperature <= 0).all())
+
+    def select(self, index: Tensor) -> SamplingParams:
+        return SamplingParams(self.temperature[index], self.top_k[index], self.top_p[index])
+
+
+def filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Probabilities after temperature, top-k and top-p. logits: [bs, ..., V]; params broadcast over the middle
+    dimensions. Computed in float32."""
+    bs, vocab = logits.shape[0], logits.shape[-1]
+    shape = (bs,) + (1,) * (logits.dim() - 1)
+    logits = logits.float()
+    greedy = (params.temperature <= 0).view(shape)
+    temperature = torch.where(params.temperature > 0, params.temperature, 1.0).view(shape)
+    scaled = logits / temperature
+
+    sorted_logits, _ = scaled.sort(dim=-1, descending=True)
+    k = torch.where((params.top_k > 0) & (params.top_k < vocab), params.top_k, vocab).view(shape)
+    kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+
+    top_p = params.top_p.view(shape)
+    if bool((params.top_p < 1).any()):
+        sorted_scaled = scaled.sort(dim=-1, descending=True)[0]
+        sorted_probs = torch.softmax(sorted_scaled, dim=-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        # The smallest prefix of the sorted distribution whose mass reaches top_p; its last logit is the cut-off.
+        keep = (mass_before < top_p).sum(-1, keepdim=True).clamp(min=1)
+        cutoff = sorted_scaled.gather(-1, keep - 1)
+        scaled = torch.where(top_p < 1, scaled.masked_fill(scaled < cutoff, float("-inf")), scaled)
+
+    probs = torch.softmax(scaled, dim=-1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, probs)
+
+
+def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per distribution over the last dimension (exponential race: argmax p / E, E ~ Exp(1)). A one-hot
+    distribution always yields its argmax, so greedy rows need no special case."""
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
+    return (probs / noise).argmax(-1)

@@ -1,0 +1,133 @@
+"""Acceptance math, sampling filters, verify-length rules and the flex policy interface, as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from flexdraft_sgl.core.acceptance import greedy_verify, speculative_verify
+from flexdraft_sgl.core.confidence import expected_tokens, verify_lengths
+from flexdraft_sgl.core.policy import ForwardCostTable, Mode, plain_tokens_per_second, plan_step
+from flexdraft_sgl.core.sampling import SamplingParams, filtered_probs, sample
+
+ALPHA = 1e-3  # significance of every distribution test; seeds are fixed, so each test is deterministic
+
+
+def follows(draws: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square p-value of integer draws against a distribution; tokens of probability 0 must never appear."""
+    counts = torch.bincount(draws, minlength=len(probs)).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a token outside the distribution's support was drawn"
+    if support.sum() == 1:
+        return 1.0
+    expected = probs[support].double() / probs[support].double().sum() * counts.sum()
+    return chisquare(counts[support].numpy(), expected.numpy()).pvalue
+
+
+def test_greedy_verify_counts_leading_matches_and_respects_verify_len():
+    drafts = torch.tensor([[5, 6, 7], [5, 6, 7], [1, 2, 3], [5, 6, 7]])
+    argmax = torch.tensor([[5, 6, 7, 8], [5, 9, 7, 8], [0, 2, 3, 4], [5, 6, 7, 8]])
+    accepted, bonus = greedy_verify(drafts, argmax, torch.tensor([3, 3, 3, 2]))
+    assert accepted.tolist() == [3, 1, 0, 2]
+    assert bonus.tolist() == [8, 9, 0, 7]  # the argmax at the first mismatch, or after the last verified draft
+
+
+def test_speculative_verify_with_one_hot_distributions_is_greedy():
+    g = torch.Generator().manual_seed(0)
+    V, D, bs = 11, 5, 64
+    logits = torch.randn(bs, D + 1, V, generator=g)
+    drafts = torch.where(torch.rand(bs, D, generator=g) < 0.7, logits[:, :-1].argmax(-1),
+                         torch.randint(0, V, (bs, D), generator=g))
+    verify = torch.randint(1, D + 1, (bs,), generator=g)
+    greedy = SamplingParams.make(bs, temperature=0.0)
+    p = filtered_probs(logits, greedy)
+    q = torch.nn.functional.one_hot(drafts, V).float()
+    a1, b1 = speculative_verify(drafts, q, p, verify, g)
+    a2, b2 = greedy_verify(drafts, logits.argmax(-1), verify)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+
+
+def test_filters_temperature_topk_topp():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    same = lambda **kw: filtered_probs(logits, SamplingParams.make(1, **kw))[0]  # noqa: E731
+    torch.testing.assert_close(same(temperature=1.0), logits.exp()[0])
+    torch.testing.assert_close(same(temperature=1.0, top_k=2), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    # top_p 0.8: 0.5+0.2 < 0.8, so 0.15 is needed too
+    torch.testing.assert_close(same(temperature=1.0, top_p=0.8), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    assert same(temperature=0.0).tolist() == [1, 0, 0, 0, 0]
+    sharp = same(temperature=0.5)
+    assert sharp[0] > 0.5 and torch.isclose(sharp.sum(), torch.tensor(1.0))
+
+
+def test_sample_draws_from_the_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    assert follows(sample(probs.expand(40000, 4), torch.Generator().manual_seed(1)), probs) > ALPHA
+
+
+@pytest.mark.parametrize("filters", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_speculative_verify_emits_the_target_distribution(filters):
+    """Exact check of the rule on one request shape: whatever q is, the first emitted token (the first draft if
+    accepted, else the resampled bonus) follows p at position 0, and the second follows p given the first."""
+    g = torch.Generator().manual_seed(7)
+    V, D, N = 6, 2, 200000
+    params = SamplingParams.make(N, **filters)
+    target_logits = torch.randn(1, D + 1, V, generator=g) * 1.5
+    draft_logits = torch.randn(1, D, V, generator=g) * 1.5  # deliberately unrelated to the target
+    p = filtered_probs(target_logits.expand(N, -1, -1), params)
+    q = filtered_probs(draft_logits.expand(N, -1, -1), params)
+    drafts = sample(q, g)
+    accepted, bonus = speculative_verify(drafts, q, p, torch.full((N,), D), g)
+    first = torch.where(accepted >= 1, drafts[:, 0], bonus)
+    assert follows(first, p[0, 0]) > ALPHA
+    # Second token, where the first draft was accepted: drawn from p at position 1 (p does not depend on the
+    # prefix in this synthetic setup, which is exactly what the rule must reproduce).
+    second = torch.where(accepted >= 2, drafts[:, 1], bonus)[accepted >= 1]
+    assert follows(second, p[0, 1]) > ALPHA
+
+
+def test_the_distribution_check_catches_a_wrong_rule():
+    """Negative control for the test above: accepting every draft emits q, and the same check must reject it."""
+    g = torch.Generator().manual_seed(7)
+    V, N = 6, 200000
+    params = SamplingParams.make(N, temperature=1.0)
+    p = filtered_probs((torch.randn(1, 2, V, generator=g) * 1.5).expand(N, -1, -1), params)
+    q = filtered_probs((torch.randn(1, 1, V, generator=g) * 1.5).expand(N, -1, -1), params)
+    drafts = sample(q, g)
+    assert follows(drafts[:, 0], p[0, 0]) < ALPHA
+
+
+def test_verify_length_rules():
+    top = torch.tensor([[0.9, 0.5, 0.1, 0.9], [0.05, 0.9, 0.9, 0.9], [0.99, 0.99, 0.99, 0.99]])
+    # cumulative products: [.9 .45 .045 .0405], [.05 .045 .0405 .036], [.99 .98 .97 .96]
+    assert verify_lengths(top, "cumulative_product", 0.04).tolist() == [4, 3, 4]
+    assert verify_lengths(top, "cumulative_product", 0.3).tolist() == [2, 1, 4]
+    assert verify_lengths(top, "cumulative_product", 0.3, max_len=3).tolist() == [2, 1, 3]
+    # min_confidence keeps the leading run of drafts each above the threshold; at least one
+    assert verify_lengths(top, "min_confidence", 0.4).tolist() == [2, 1, 4]
+    with pytest.raises(ValueError, match="unknown verify-length rule"):
+        verify_lengths(top, "max", 0.1)
+    torch.testing.assert_close(expected_tokens(top[:1], torch.tensor([2])), torch.tensor([1 + 0.9 + 0.45],
+                               dtype=torch.float64))
+
+
+def test_cost_table_interpolates_and_round_trips():
+    table = ForwardCostTable((1, 10, 100), (1.0, 2.0, 11.0))
+    assert table.seconds_for(1) == 1.0 and table.seconds_for(5.5) == 1.5 and table.seconds_for(200) == 21.0
+    assert ForwardCostTable.from_json(table.to_json()) == table
+    with pytest.raises(ValueError):
+        ForwardCostTable((1, 1), (1.0, 2.0))
+
+
+def test_policy_prefers_parallel_when_rows_are_free_and_sequential_when_they_cost():
+    confident = torch.full((1, 15), 0.8)
+    kwargs = dict(block_size=16, tuned_depth=4, num_layers=32)
+    flat = ForwardCostTable((1, 100000), (1.0, 1.0))  # memory-bound: rows cost nothing extra
+    plan = plan_step(confident, flat, **kwargs)
+    assert plan.mode is Mode.PARALLEL and plan.verify_lens.tolist() == [15]
+    linear = ForwardCostTable((1, 2), (1.0, 2.0))  # compute-bound: time proportional to rows
+    big = torch.full((64, 15), 0.8)
+    plan = plan_step(big, linear, **kwargs)
+    assert plan.mode is Mode.SEQUENTIAL
+    assert set(plan.predicted) == {Mode.PARALLEL, Mode.SEQUENTIAL}
+    assert plain_tokens_per_second(64, linear) == pytest.approx(1.0)
