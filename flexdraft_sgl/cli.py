@@ -121,6 +121,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_measure_costs(args) -> int:
+    import torch
+
+    from .reference import ReferenceEngine
+    from .reference.hf import load_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _, path = load_target(args.model, args.dtype)
+    rows = tuple(int(r) for r in args.rows.split(","))
+    table = ReferenceEngine(model).measure_cost_table(rows, prefix_len=args.prefix_len, repeats=args.repeats)
+    with open(args.out, "w") as f:
+        f.write(table.to_json() + "\n")
+    for r, s in zip(table.rows, table.seconds):
+        print(f"{r:6d} rows  {s * 1000:8.2f} ms")
+    print(f"cost table for {path} written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexdraft", description="FlexDraft: lossless self-speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_adapter)
+
+    p = sub.add_parser("measure-costs", help="time target forwards against rows: the flex policy's cost table")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="JSON file to write (read by generate --cost-table)")
+    p.add_argument("--rows", default="1,2,4,8,16,32,64,128,256", help="comma-separated row counts")
+    p.add_argument("--prefix-len", type=int, default=64, help="cached tokens before the timed rows")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_measure_costs)
 
     p = sub.add_parser("generate", help="generate with the reference engine and compare with plain decoding",
                        description="Generate with FlexDraft on the reference (Hugging Face) engine, then with plain "

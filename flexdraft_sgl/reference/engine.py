@@ -11,6 +11,7 @@ accepted count, so rejected slots are simply overwritten later). Mask rows never
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -202,6 +203,26 @@ class ReferenceEngine:
                 x = self._layer(i, x, ctx, cache)
         return x
 
+    def measure_cost_table(self, rows=(1, 2, 4, 8, 16, 32, 64, 128, 256), prefix_len: int = 64,
+                           repeats: int = 3) -> ForwardCostTable:
+        """Time full-depth forwards against row count on this machine (median of `repeats` after a warm-up): the
+        table the flex policy reads. Rows are spread over requests of at most 16 verify rows, each after a
+        `prefix_len`-token cache, the shape of a verify step."""
+        seconds = []
+        for r in rows:
+            sizes = [16] * (r // 16) + ([r % 16] if r % 16 else [])
+            cache = self.new_cache(len(sizes), prefix_len + 17)
+            layout = verify_layout([prefix_len] * len(sizes), [n - 1 for n in sizes], 2)
+            tokens = torch.zeros(r, dtype=torch.long, device=self.device)
+            times = []
+            with torch.inference_mode():
+                for _ in range(repeats + 1):
+                    started = time.perf_counter()
+                    self.forward(layout, tokens, cache)
+                    times.append(time.perf_counter() - started)
+            seconds.append(sorted(times[1:])[len(times[1:]) // 2])
+        return ForwardCostTable(tuple(rows), tuple(seconds))
+
     # ---- heads -------------------------------------------------------------------------------------------------
     def target_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self.norm(hidden))
@@ -379,21 +400,21 @@ class _Run:
         self.bonus = token
         self._emit([[int(t)] for t in token])
 
-    def parallel_step(self, verify: Tensor) -> None:
-        layout = parallel_layout(self.lens, verify, self.B)
+    def _verify_forward(self, layout: StepLayout, verify: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tokens, drafts = self._candidates(verify)
         hidden = self.e.forward(layout, tokens, self.cache)
         accepted, bonus = self._accept(hidden, layout, drafts, verify)
         self._count(layout, decode_step=True, accepted=accepted)
+        return hidden, drafts, accepted, bonus
+
+    def parallel_step(self, verify: Tensor) -> None:
+        layout = parallel_layout(self.lens, verify, self.B)
+        hidden, drafts, accepted, bonus = self._verify_forward(layout, verify)
         self._draft_from(hidden, layout, accepted, bonus)  # block k = "k drafts accepted"
         self._commit_and_emit(drafts, accepted, bonus)
 
     def sequential_step(self, verify: Tensor) -> None:
-        layout = verify_layout(self.lens, verify, self.B)
-        tokens, drafts = self._candidates(verify)
-        hidden = self.e.forward(layout, tokens, self.cache)
-        accepted, bonus = self._accept(hidden, layout, drafts, verify)
-        self._count(layout, decode_step=True, accepted=accepted)
+        _, drafts, accepted, bonus = self._verify_forward(verify_layout(self.lens, verify, self.B), verify)
         self._commit_and_emit(drafts, accepted, bonus)
         if not self.active:
             return
