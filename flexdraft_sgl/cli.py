@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -140,6 +141,56 @@ def cmd_measure_costs(args) -> int:
     return 0
 
 
+def _demo_adapter(model_path: str, args) -> str:
+    """The adapter the demo serves: --adapter, else an untrained one for the target, created once in the cache."""
+    if args.adapter:
+        return args.adapter
+    from .adapter import CONFIG_FILE, FlexDraftAdapter
+    from .default_model import cache_root
+    from .reference.hf import load_target
+
+    folder = cache_root() / "adapters" / f"{Path(model_path).name}-untrained-N{args.tuned_depth}-B{args.block_size}"
+    if not (folder / CONFIG_FILE).is_file():
+        model, tokenizer, path = load_target(model_path)
+        FlexDraftAdapter.init_from_target(model, tuned_depth=args.tuned_depth, block_size=args.block_size,
+                                          calibration_rank=args.rank, tokenizer=tokenizer,
+                                          target_name=path).save(folder)
+    return str(folder)
+
+
+def cmd_demo(args) -> int:
+    from .default_model import prepare_default_model
+    from .sglang.launch import SGLangServer, default_server_args, flexdraft_args
+
+    model = str(prepare_default_model()) if args.model == "default" else args.model
+    adapter = _demo_adapter(model, args)
+    if not args.adapter:
+        print("adapter: UNTRAINED (initialised from the target; no trained adapter is shipped yet), so few drafts "
+              "are accepted and no speed-up is expected. Output is exact either way.", file=sys.stderr)
+    request = {"model": "default", "messages": [{"role": "user", "content": args.prompt}],
+               "max_tokens": args.max_new_tokens, "temperature": 0}
+    runs = {}
+    for name, extra in (("plain", []), ("FLEXDRAFT", flexdraft_args(adapter))):
+        print(f"starting SGLang ({name}) ...", file=sys.stderr)
+        with SGLangServer(default_server_args(model) + extra) as server:
+            server.post("/v1/chat/completions", {**request, "max_tokens": 4})  # warm-up, not timed
+            started = time.perf_counter()
+            reply = server.post("/v1/chat/completions", request)
+            seconds = time.perf_counter() - started
+            states = server.get("/server_info").get("internal_states") or [{}]
+            runs[name] = dict(text=reply["choices"][0]["message"]["content"],
+                              tokens=reply["usage"]["completion_tokens"], seconds=seconds,
+                              accept_length=states[0].get("avg_spec_accept_length"))
+    spec, plain = runs["FLEXDRAFT"], runs["plain"]
+    speedup = (spec["tokens"] / spec["seconds"]) / (plain["tokens"] / plain["seconds"])
+    print(f"\n>>> {args.prompt}\n{spec['text']}\n")
+    print(f"FLEXDRAFT: {spec['tokens']} tokens in {spec['seconds']:.2f} s, accept length "
+          f"{spec['accept_length'] or 0:.2f} tokens/step; plain SGLang: {plain['tokens']} tokens in "
+          f"{plain['seconds']:.2f} s; speed-up {speedup:.2f}x (measured in this run); output "
+          f"{'identical' if spec['text'] == plain['text'] else 'DIFFERENT'} to plain decoding")
+    return 0 if spec["text"] == plain["text"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexdraft", description="FlexDraft: lossless self-speculative decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_adapter)
+
+    p = sub.add_parser("demo", help="serve FLEXDRAFT with SGLang and answer a chat request, against plain SGLang",
+                       description="Start SGLang with FLEXDRAFT, answer one chat request, then the same with plain "
+                                   "SGLang; print the answer, the accept length and the measured speed-up.")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--model", default="default", help="Hugging Face folder of the target; 'default' = SmolLM2")
+    p.add_argument("--adapter", help="adapter folder (default: an untrained one, created once in the cache)")
+    adapter_shape(p)
+    p.set_defaults(block_size=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("measure-costs", help="time target forwards against rows: the flex policy's cost table")
     _add_model_args(p)

@@ -78,3 +78,12 @@ def _default_model():
 def smollm2():
     """(model, tokenizer) of the embedded default, converted once into the cache."""
     return _default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter(smollm2, tmp_path_factory):
+    """A random (untrained) adapter for SmolLM2 as a folder: N = 4, B = 8."""
+    model, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("smollm2-adapter")
+    random_adapter(model, tuned_depth=4, block_size=8, rank=32, scale=0.02, tokenizer=tokenizer).save(folder)
+    return str(folder)

@@ -9,7 +9,7 @@ import torch
 from conftest import random_adapter, tiny_target
 
 from flexdraft_sgl.adapter import (
-    CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, FlexDraftAdapter, TargetSpec, UnsupportedTargetError,
+    CONFIG_FILE, TARGET_CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, FlexDraftAdapter, TargetSpec, UnsupportedTargetError,
 )
 
 
@@ -18,7 +18,7 @@ def test_save_load_round_trip(tmp_path, arch):
     model = tiny_target(arch)
     adapter = random_adapter(model, tuned_depth=2, block_size=5, rank=8)
     adapter.save(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
+    assert {p.name for p in tmp_path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, TARGET_CONFIG_FILE}
     loaded = FlexDraftAdapter.load(tmp_path, target_config=model.config)
     assert loaded.config == adapter.config
     for (name, a), (_, b) in zip(adapter.state_dict().items(), loaded.state_dict().items()):

@@ -6,11 +6,14 @@
   calibration        Linear(2H -> r) -> SiLU -> Linear(r -> V) over [embedding(bonus), final-normed mask hidden],
                      added to the mask row's draft logits
 
-Saved as a folder: `flexdraft_adapter.json` (AdapterConfig) and `adapter.safetensors`.
+Saved as a folder: `flexdraft_adapter.json` (AdapterConfig), `adapter.safetensors`, and `config.json`, the target's
+own Hugging Face config: SGLang reads `--speculative-draft-model-path` as a model config for every algorithm, and this
+one describes exactly the model the drafts run on.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ from .config import AdapterConfig, AdapterError, TargetSpec
 
 CONFIG_FILE = "flexdraft_adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
+TARGET_CONFIG_FILE = "config.json"
 
 
 class RMSNorm(nn.Module):
@@ -84,6 +88,7 @@ class FlexDraftAdapter(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(spec.hidden_size))
         self.attention = nn.ModuleList(TunedAttention(spec, rms_norm_eps) for _ in range(config.tuned_depth))
         self.calibration = CalibrationMLP(spec.hidden_size, config.calibration_rank, spec.vocab_size)
+        self.target_hf_config: dict | None = None  # written beside the adapter for SGLang (see module docstring)
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -107,6 +112,7 @@ class FlexDraftAdapter(nn.Module):
             tuned.copy_from(layers[config.split_layer + i].self_attn)
         with torch.no_grad():
             adapter.mask_embedding.copy_(model.get_input_embeddings().weight.float().mean(0))
+        adapter.target_hf_config = model.config.to_dict()
         param = next(model.parameters())
         return adapter.to(device=param.device, dtype=param.dtype)
 
@@ -117,6 +123,8 @@ class FlexDraftAdapter(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": self.config.format})
         (directory / CONFIG_FILE).write_text(self.config.to_json())
+        if self.target_hf_config is not None:
+            (directory / TARGET_CONFIG_FILE).write_text(json.dumps(self.target_hf_config, indent=2, default=str))
         return directory
 
     @classmethod
@@ -152,4 +160,6 @@ class FlexDraftAdapter(nn.Module):
         if problems:
             raise AdapterError(f"{weights_path} does not match its config: " + "; ".join(problems[:5]))
         adapter.load_state_dict(state)
+        if (directory / TARGET_CONFIG_FILE).is_file():
+            adapter.target_hf_config = json.loads((directory / TARGET_CONFIG_FILE).read_text())
         return adapter.to(device=device, dtype=dtype or next(iter(state.values())).dtype)

@@ -1,0 +1,141 @@
+"""Mask rows inside SGLang: the kept mask block's pass through the target's final N layers, and its calibration.
+
+After a verification the accepted tokens' K/V are in SGLang's KV pool, so the block that FlexDraft keeps (the one
+anchored after the last committed token) can run on its own: its B rows enter layer s = L - N with the mask
+embedding, use the adapter's tuned projectors in each of the final N layers (SGLang parallel linears, sharded like
+the target's), and the target's own norms, rotary embedding and MLP. Each row attends to the request's committed
+K/V in the pool and to all rows of its block (bidirectional), exactly the visibility of `core.masks` for a block
+anchored after the last committed token; the rows' own K/V never enter the pool.
+
+This is the reference engine's parallel-mode block (the same rows see the same K/V), computed after acceptance
+instead of for every hypothesis inside the verify forward: B mask rows per request instead of (v+1)*B, at the price
+of reading the final N layers' weights a second time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapter import FlexDraftAdapter
+
+
+def _tp_all_reduce(x: Tensor) -> Tensor:
+    from sglang.srt.distributed import tensor_model_parallel_all_reduce
+    from sglang.srt.runtime_context import get_parallel
+
+    return tensor_model_parallel_all_reduce(x) if get_parallel().tp_size > 1 else x
+
+
+class TunedProjectors(nn.Module):
+    """One layer's mask-row projectors as SGLang parallel linears, loaded from the adapter's plain tensors through
+    the linears' own weight loaders (so tensor parallelism shards them exactly like the target's)."""
+
+    def __init__(self, target_attention: nn.Module, tuned, dtype: torch.dtype, device):
+        super().__init__()
+        from sglang.srt.layers.layernorm import RMSNorm
+        from sglang.srt.layers.linear import QKVParallelLinear, RowParallelLinear
+
+        a = target_attention
+        hidden = tuned.q_proj.in_features
+        head_dim = a.head_dim
+        self.q_size, self.kv_size, self.head_dim = a.q_size, a.kv_size, head_dim
+        with torch.device(device):
+            self.qkv_proj = QKVParallelLinear(hidden, head_dim, a.total_num_heads, a.total_num_kv_heads,
+                                              bias=tuned.q_proj.bias is not None, params_dtype=dtype)
+            self.o_proj = RowParallelLinear(a.total_num_heads * head_dim, hidden, bias=tuned.o_proj.bias is not None,
+                                            reduce_results=True, params_dtype=dtype)
+            self.q_norm = self.k_norm = None
+            if tuned.q_norm is not None:
+                self.q_norm = RMSNorm(head_dim, eps=tuned.q_norm.eps)
+                self.k_norm = RMSNorm(head_dim, eps=tuned.k_norm.eps)
+        loader = self.qkv_proj.weight_loader
+        for shard, linear in (("q", tuned.q_proj), ("k", tuned.k_proj), ("v", tuned.v_proj)):
+            loader(self.qkv_proj.weight, linear.weight.detach().to(dtype), shard)
+            if linear.bias is not None:
+                loader(self.qkv_proj.bias, linear.bias.detach().to(dtype), shard)
+        self.o_proj.weight_loader(self.o_proj.weight, tuned.o_proj.weight.detach().to(dtype))
+        if tuned.o_proj.bias is not None:
+            self.o_proj.weight_loader(self.o_proj.bias, tuned.o_proj.bias.detach().to(dtype))
+        if self.q_norm is not None:
+            with torch.no_grad():
+                self.q_norm.weight.copy_(tuned.q_norm.weight)
+                self.k_norm.weight.copy_(tuned.k_norm.weight)
+        self.to(dtype=dtype)
+
+    def qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        qkv, _ = self.qkv_proj(h)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:  # Qwen3: per-head norms before the rotary embedding
+            shape = q.shape[:-1]
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(*shape, -1)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(*shape, -1)
+        return q, k, v
+
+
+class MaskBlockDrafter(nn.Module):
+    """Runs kept mask blocks through the target's final N layers and calibrates them into draft logits."""
+
+    def __init__(self, model: nn.Module, adapter: FlexDraftAdapter, kv_pool, req_to_token: Tensor):
+        super().__init__()
+        cfg = adapter.config
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.block_size, self.split = cfg.block_size, cfg.split_layer
+        self.model, self.kv_pool, self.req_to_token = model, kv_pool, req_to_token
+        layers = model.model.layers
+        self.deep_layers = [layers[i] for i in range(self.split, cfg.target.num_layers)]
+        self.projectors = nn.ModuleList(
+            TunedProjectors(layer.self_attn, tuned, self.dtype, self.device)
+            for layer, tuned in zip(self.deep_layers, adapter.attention)
+        )
+        self.mask_embedding = adapter.mask_embedding.detach().to(self.device, self.dtype)
+        self.calibration = adapter.calibration.to(self.device, self.dtype)
+
+    def _attend(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_valid: Tensor,
+                attn: nn.Module) -> Tensor:
+        """q/k/v [bs, B, heads*hd] of the block rows; kv_index [bs, Lmax] pool slots of the committed tokens."""
+        bs, B = q.shape[:2]
+        hd = attn.head_dim
+        cache_k = self.kv_pool.get_key_buffer(layer_id)[kv_index].to(q.dtype)  # [bs, Lmax, kvh, hd]
+        cache_v = self.kv_pool.get_value_buffer(layer_id)[kv_index].to(q.dtype)
+        keys = torch.cat([cache_k, k.view(bs, B, -1, hd)], 1).transpose(1, 2)
+        values = torch.cat([cache_v, v.view(bs, B, -1, hd)], 1).transpose(1, 2)
+        visible = torch.cat([kv_valid, kv_valid.new_ones(bs, B)], 1)[:, None, None, :]
+        queries = q.view(bs, B, -1, hd).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=attn.scaling,
+                                             enable_gqa=queries.shape[1] != keys.shape[1])
+        return out.transpose(1, 2).reshape(bs, B, -1)
+
+    @torch.no_grad()
+    def draft_logits(self, req_pool_indices: Tensor, committed_lens: Tensor, bonus: Tensor) -> Tensor:
+        """[bs, B-1, V] calibrated draft logits for the block anchored after each request's last committed token;
+        row 0 sits at the bonus's slot (position committed_len) and is calibrated away, rows 1..B-1 draft the
+        tokens after the bonus."""
+        bs, B = len(committed_lens), self.block_size
+        lens = committed_lens.to(torch.long)
+        positions = (lens[:, None] + torch.arange(B, device=lens.device)).reshape(-1)
+        lmax = int(lens.max())
+        slots = torch.arange(lmax, device=lens.device)
+        kv_valid = slots[None, :] < lens[:, None]
+        kv_index = self.req_to_token[req_pool_indices.long()[:, None], slots[None, :]].long()
+        kv_index = torch.where(kv_valid, kv_index, 0)
+
+        x = self.mask_embedding.expand(bs * B, -1).contiguous()
+        for layer, tuned in zip(self.deep_layers, self.projectors):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = tuned.qkv(h)
+            q, k = attn.rotary_emb(positions, q, k)
+            out = self._attend(attn.attn.layer_id, q.view(bs, B, -1), k.view(bs, B, -1), v.view(bs, B, -1),
+                               kv_index, kv_valid, attn)
+            o, _ = tuned.o_proj(out.reshape(bs * B, -1))
+            x = x + o
+            x = x + _tp_all_reduce(layer.mlp(layer.post_attention_layernorm(x)))
+
+        hidden = self.model.model.norm(x).view(bs, B, -1)[:, 1:]
+        logits = F.linear(hidden, self.model.lm_head.weight)
+        bonus_embedding = self.model.model.embed_tokens(bonus)[:, None].expand_as(hidden)
+        vocab = self.calibration.down.out_features
+        return logits[..., :vocab] + self.calibration(bonus_embedding, hidden)

@@ -1,0 +1,237 @@
+"""FLEXDRAFT inside real SGLang servers on CPU (float32, torch_native): greedy output equals SGLang's own
+non-speculative output under the same arguments, the accepted-draft histograms equal the reference engine's, the radix
+cache works, and bad input is refused with clear messages."""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import random_adapter, random_prompts, tiny_target
+
+from flexdraft_sgl.adapter import FlexDraftAdapter
+from flexdraft_sgl.reference import ReferenceEngine
+from flexdraft_sgl.sglang.launch import SGLangServer, default_server_args, flexdraft_args
+
+MAX_NEW = 32
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_setup(tmp_root: str, arch: str = "llama"):
+    """A 16-token random target (random drafts get accepted often enough) and a random adapter, as folders."""
+    model = tiny_target(arch, vocab=16, seed=3)
+    model.save_pretrained(f"{tmp_root}/{arch}")
+    random_adapter(model, tuned_depth=2, block_size=6, seed=5).save(f"{tmp_root}/{arch}-adapter")
+    return model, f"{tmp_root}/{arch}", f"{tmp_root}/{arch}-adapter"
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("sglang-tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_root):
+    return tiny_setup(tiny_root)
+
+
+def generate_all(server: SGLangServer, prompts, **sampling):
+    params = {"max_new_tokens": MAX_NEW, "temperature": 0, **sampling}
+    with ThreadPoolExecutor(16) as pool:  # concurrent: the scheduler batches requests of different lengths
+        return list(pool.map(lambda p: server.post("/generate", {"input_ids": p, "sampling_params": params}),
+                             prompts))
+
+
+@functools.lru_cache(maxsize=None)
+def plain_outputs(model_dir: str, prompts: tuple):
+    with SGLangServer(default_server_args(model_dir) + ["--skip-tokenizer-init"]) as server:
+        return [o["output_ids"] for o in generate_all(server, list(prompts), ignore_eos=True)]
+
+
+@pytest.mark.parametrize("arch, mode", [("llama", "parallel"), ("llama", "sequential"), ("qwen2", "parallel"),
+                                        ("qwen3", "sequential")])
+def test_tiny_greedy_equals_plain_sglang_and_the_reference_engine(tiny_root, arch, mode):
+    model, model_dir, adapter_dir = tiny_setup(tiny_root, arch)
+    prompts = random_prompts(24, 16, seed=4, max_len=12)
+    expected = plain_outputs(model_dir, tuple(map(tuple, prompts)))
+    args = default_server_args(model_dir) + ["--skip-tokenizer-init"] + flexdraft_args(adapter_dir)
+    with SGLangServer(args, env={"FLEXDRAFT_MODE": mode, "FLEXDRAFT_VERIFY_LEN": "5"}) as server:
+        outputs = generate_all(server, prompts, ignore_eos=True)
+    assert [o["output_ids"] for o in outputs] == expected
+
+    # Same adapter, same greedy target: the reference engine accepts exactly as many drafts at every step.
+    reference = ReferenceEngine(model, FlexDraftAdapter.load(adapter_dir)).generate(
+        prompts, max_new_tokens=MAX_NEW, mode=mode, verify_len=5)
+    assert [r.tokens for r in reference] == expected
+    histograms = [o["meta_info"]["spec_correct_drafts_histogram"] for o in outputs]
+    assert histograms == [r.stats.accepted_hist for r in reference]
+    assert sum(o["meta_info"]["spec_num_correct_drafts"] for o in outputs) > 10  # acceptance really exercised
+
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three colours.", "Write a haiku about autumn leaves.",
+    "What is 12 times 12?", "Explain photosynthesis in one sentence.", "Give me a synonym for happy.",
+    "Who wrote Romeo and Juliet?", "List the first five prime numbers.", "What does CPU stand for?",
+    "Translate 'good morning' into Spanish.", "Describe a cat in two sentences.", "What is the boiling point of "
+    "water in Celsius?", "Suggest a name for a goldfish.", "Why is the sky blue?", "How many legs does a spider "
+    "have?", "What is the largest planet in our solar system?", "Tell me a fun fact about octopuses.",
+    "What is the opposite of cold?", "Write one sentence about the ocean.", "Hi",
+]
+
+
+def chat_all(server: SGLangServer, max_tokens: int = 16):
+    def ask(question):
+        reply = server.post("/v1/chat/completions", {"model": "default", "max_tokens": max_tokens, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": question}]})
+        return reply["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(20) as pool:
+        return list(pool.map(ask, QUESTIONS))
+
+
+@pytest.fixture(scope="module")
+def smollm2_plain_answers(smollm2):
+    from flexdraft_sgl.default_model import default_model_dir
+
+    with SGLangServer(default_server_args(str(default_model_dir()))) as server:
+        return chat_all(server)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_smollm2_chat_equals_plain_sglang(smollm2_adapter, smollm2_plain_answers, mode):
+    from flexdraft_sgl.default_model import default_model_dir
+
+    args = default_server_args(str(default_model_dir())) + flexdraft_args(smollm2_adapter)
+    with SGLangServer(args, env={"FLEXDRAFT_MODE": mode}) as server:
+        answers = chat_all(server)
+        info = server.get("/server_info")["internal_states"][0]
+    assert answers == smollm2_plain_answers
+    assert "Paris" in answers[0]
+    assert info["avg_spec_accept_length"] >= (2.0 if mode == "sequential" else 1.0)
+
+
+def _refused(args, env=None) -> str:
+    with pytest.raises(RuntimeError) as failure:
+        with SGLangServer(args, env=env, startup_timeout=240):
+            pass
+    return str(failure.value)
+
+
+def test_bad_setups_are_refused_with_clear_messages(tiny, smollm2_adapter, tmp_path):
+    _, model_dir, adapter_dir = tiny
+    base = default_server_args(model_dir) + ["--skip-tokenizer-init"]
+    assert "no such folder" in _refused(base + flexdraft_args(str(tmp_path / "missing")))
+    assert "not a FlexDraft adapter folder" in _refused(base + flexdraft_args(str(tmp_path)))
+    assert "needs its adapter" in _refused(base + ["--speculative-algorithm", "FLEXDRAFT"])
+    # an adapter trained for another target (SmolLM2's, on the tiny model)
+    message = _refused(base + flexdraft_args(smollm2_adapter))
+    assert "different target" in message and "num_layers: adapter 30, target 4" in message
+    # settings that cannot work
+    assert "Attention backends that work on this machine: torch_native" in _refused(
+        [a if a != "torch_native" else "triton" for a in base] + flexdraft_args(adapter_dir))
+    assert "FLEXDRAFT_MODE='tree'" in _refused(base + flexdraft_args(adapter_dir), env={"FLEXDRAFT_MODE": "tree"})
+    assert "--speculative-num-draft-tokens must be between 2 and the adapter's block size 6" in _refused(
+        base + flexdraft_args(adapter_dir) + ["--speculative-num-draft-tokens", "9"])
+
+
+def _accepted_stop_tokens(model, adapter_dir, prompts):
+    """(prompt, token) pairs whose token first appears as an accepted draft (inside a verified block), found with
+    the reference engine, which accepts exactly like the SGLang worker (checked above)."""
+    engine = ReferenceEngine(model, FlexDraftAdapter.load(adapter_dir))
+    eos = model.generation_config.eos_token_id
+    cases = []
+    for prompt, res in zip(prompts, engine.generate(prompts, max_new_tokens=MAX_NEW, mode="parallel", verify_len=5,
+                                                    stop_token_ids=[eos])):
+        at = 0
+        for a in res.stats.accepted_trace:
+            for i in range(max(a, 0)):
+                token = res.tokens[at + i]
+                if token != eos and res.tokens.index(token) == at + i and at + i + 1 < len(res.tokens):
+                    cases.append((prompt, token))
+                    break
+            else:
+                at += max(a, 0) + 1
+                continue
+            break
+    return cases
+
+
+def workload(server: SGLangServer, prompts, stop_cases):
+    """Everything a demanding client does, in one server session; returns what must match plain decoding."""
+    import threading
+    import time
+
+    results = {}
+    results["concurrent"] = [o["output_ids"] for o in generate_all(server, prompts, ignore_eos=True)]
+    results["one_token"] = [o["output_ids"] for o in generate_all(server, prompts[:4], max_new_tokens=1)]
+    results["stops"] = []
+    for prompt, token in stop_cases:
+        out = server.post("/generate", {"input_ids": prompt, "sampling_params": {
+            "max_new_tokens": MAX_NEW, "temperature": 0, "stop_token_ids": [token]}})
+        results["stops"].append((out["output_ids"], out["meta_info"]["finish_reason"]["type"]))
+    logprob = server.post("/generate", {"input_ids": prompts[0], "return_logprob": True, "top_logprobs_num": 2,
+                                        "sampling_params": {"max_new_tokens": 12, "temperature": 0,
+                                                            "ignore_eos": True}})
+    results["logprobs"] = [round(lp[0], 4) for lp in logprob["meta_info"]["output_token_logprobs"]]
+    results["top_logprobs"] = [[t[1] for t in top] for top in logprob["meta_info"]["output_top_logprobs"]]
+    # radix cache: a long prompt twice; the second reuses the first's committed KV
+    long_prompt = (prompts[1] * 8)[:48]
+    first, second = (server.post("/generate", {"input_ids": long_prompt, "sampling_params": {
+        "max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}) for _ in range(2))
+    results["radix"] = [first["output_ids"], second["output_ids"]]
+    assert second["meta_info"]["cached_tokens"] >= 40, second["meta_info"]
+    # abort a long generation midway; the server keeps serving
+    aborted = {}
+    worker = threading.Thread(target=lambda: aborted.update(server.post("/generate", {
+        "input_ids": prompts[2], "rid": "to-abort",
+        "sampling_params": {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}})))
+    worker.start()
+    time.sleep(1.5)
+    server.post("/abort_request", {"rid": "to-abort"})
+    worker.join(timeout=120)
+    assert aborted["meta_info"]["finish_reason"]["type"] == "abort", aborted["meta_info"]["finish_reason"]
+    assert len(aborted["output_ids"]) < 900
+    time.sleep(3)  # idle: the scheduler checks its KV pools (strictly, see the env below)
+    results["after"] = generate_all(server, prompts[:2], ignore_eos=True)[0]["output_ids"]
+    return results
+
+
+def test_serving_robustness_matches_plain_and_leaks_nothing(tiny):
+    model, model_dir, adapter_dir = tiny
+    prompts = random_prompts(32, 16, seed=9, max_len=14)
+    stop_cases = _accepted_stop_tokens(model, adapter_dir, prompts)[:4]
+    assert len(stop_cases) >= 2
+    strict = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}  # a leaked or double-freed KV slot raises
+    base = default_server_args(model_dir) + ["--skip-tokenizer-init"]
+    with SGLangServer(base, env=strict) as server:
+        expected = workload(server, prompts, stop_cases)
+    with SGLangServer(base + flexdraft_args(adapter_dir), env={**strict, "FLEXDRAFT_VERIFY_LEN": "5"}) as server:
+        got = workload(server, prompts, stop_cases)
+        log = server.log_tail(200000)
+    for key in expected:
+        assert got[key] == expected[key], key
+    assert all(out[-1] == tok and reason == "stop" for (out, reason), (_, tok) in zip(got["stops"], stop_cases))
+    assert "leak" not in log.lower() and "double free" not in log.lower() and "Traceback" not in log
+
+
+def test_sampling_preserves_the_target_distribution(tmp_path):
+    """Temperature 1 through a FLEXDRAFT server with a deliberately poor draft: the first three tokens follow the
+    target's exact distribution (the same enumeration and chi-square check as test_engine_sampling, N = 2000,
+    alpha 1e-4: the server's batching makes the draws depend on timing, so the seed cannot pin them)."""
+    import torch
+    from test_engine_sampling import PROMPT, _target, exact_joint, min_pvalue
+
+    model = _target()
+    model.save_pretrained(tmp_path / "model")
+    random_adapter(model, tuned_depth=1, block_size=4, rank=8, seed=0, scale=3.0).save(tmp_path / "adapter")
+    args = default_server_args(str(tmp_path / "model")) + ["--skip-tokenizer-init", "--random-seed", "0"]
+    args += flexdraft_args(str(tmp_path / "adapter"))
+    request = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3, "temperature": 1.0, "ignore_eos": True}}
+    with SGLangServer(args, env={"FLEXDRAFT_VERIFY_LEN": "3"}) as server:
+        with ThreadPoolExecutor(32) as pool:
+            outputs = list(pool.map(lambda _: server.post("/generate", request), range(2000)))
+    samples = torch.tensor([o["output_ids"] for o in outputs])
+    assert min_pvalue(samples, exact_joint("t1")) > 1e-4
+    drafts = [o["meta_info"]["spec_correct_drafts_histogram"] for o in outputs]
+    assert sum(sum(h[1:]) for h in drafts) > 0 and sum(h[0] for h in drafts) > 0  # accepted and rejected drafts
