@@ -87,7 +87,12 @@ def chat_all(server: SGLangServer, max_tokens: int = 16):
         return reply["choices"][0]["message"]["content"]
 
     with ThreadPoolExecutor(20) as pool:
-        return list(pool.map(ask, QUESTIONS))
+        answers = list(pool.map(ask, QUESTIONS))
+    # a stop string that the answer reaches (FLEXDRAFT may have it inside an accepted block)
+    stopped = server.post("/v1/chat/completions", {"model": "default", "max_tokens": max_tokens, "temperature": 0,
+                                                   "stop": ["Paris"],
+                                                   "messages": [{"role": "user", "content": QUESTIONS[0]}]})
+    return answers + [stopped["choices"][0]["message"]["content"]]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +112,7 @@ def test_smollm2_chat_equals_plain_sglang(smollm2_adapter, smollm2_plain_answers
         answers = chat_all(server)
         info = server.get("/server_info")["internal_states"][0]
     assert answers == smollm2_plain_answers
-    assert "Paris" in answers[0]
+    assert "Paris" in answers[0] and "Paris" not in answers[-1] and answers[0].startswith(answers[-1])
     assert info["avg_spec_accept_length"] >= (2.0 if mode == "sequential" else 1.0)
 
 
@@ -235,3 +240,23 @@ def test_sampling_preserves_the_target_distribution(tmp_path):
     assert min_pvalue(samples, exact_joint("t1")) > 1e-4
     drafts = [o["meta_info"]["spec_correct_drafts_histogram"] for o in outputs]
     assert sum(sum(h[1:]) for h in drafts) > 0 and sum(h[0] for h in drafts) > 0  # accepted and rejected drafts
+
+
+def test_sglang_benchmark_client_reports_an_accept_length(smollm2_adapter):
+    """SGLang's own benchmark client against a FLEXDRAFT server: it runs and reports the accept length."""
+    import re
+    import subprocess
+    import sys
+
+    from flexdraft_sgl.default_model import default_model_dir
+
+    model = str(default_model_dir())
+    with SGLangServer(default_server_args(model) + flexdraft_args(smollm2_adapter)) as server:
+        bench = subprocess.run(
+            [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", server.url,
+             "--dataset-name", "random-ids", "--tokenizer", model, "--num-prompts", "6", "--random-input-len", "32",
+             "--random-output-len", "16", "--max-concurrency", "3"],
+            capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    accept = re.search(r"Accept length:\s+([0-9.]+)", bench.stdout)
+    assert accept and float(accept.group(1)) >= 1.0, bench.stdout[-3000:]
