@@ -149,7 +149,8 @@ def _demo_adapter(model_path: str, args) -> str:
     from .default_model import cache_root
     from .reference.hf import load_target
 
-    folder = cache_root() / "adapters" / f"{Path(model_path).name}-untrained-N{args.tuned_depth}-B{args.block_size}"
+    name = f"{Path(model_path).name}-untrained-N{args.tuned_depth}-B{args.block_size}"
+    folder = cache_root() / "adapters" / name
     if not (folder / CONFIG_FILE).is_file():
         model, tokenizer, path = load_target(model_path)
         FlexDraftAdapter.init_from_target(model, tuned_depth=args.tuned_depth, block_size=args.block_size,

@@ -9,7 +9,8 @@ import torch
 from conftest import random_adapter, tiny_target
 
 from flexdraft_sgl.adapter import (
-    CONFIG_FILE, TARGET_CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, FlexDraftAdapter, TargetSpec, UnsupportedTargetError,
+    CONFIG_FILE, TARGET_CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, FlexDraftAdapter, TargetSpec,
+    UnsupportedTargetError,
 )
 
 
@@ -21,6 +22,7 @@ def test_save_load_round_trip(tmp_path, arch):
     assert {p.name for p in tmp_path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, TARGET_CONFIG_FILE}
     loaded = FlexDraftAdapter.load(tmp_path, target_config=model.config)
     assert loaded.config == adapter.config
+    assert loaded.target_hf_config["model_type"] == model.config.model_type  # config.json, which SGLang reads
     for (name, a), (_, b) in zip(adapter.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     spec = loaded.config.target

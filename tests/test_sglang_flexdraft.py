@@ -69,6 +69,18 @@ def test_tiny_greedy_equals_plain_sglang_and_the_reference_engine(tiny_root, arc
     assert sum(o["meta_info"]["spec_num_correct_drafts"] for o in outputs) > 10  # acceptance really exercised
 
 
+def test_sglang_serve_command_runs_flexdraft(tiny):
+    """`sglang serve` (SGLang's recommended entry point) loads the plugin as `python -m sglang.launch_server` does."""
+    _, model_dir, adapter_dir = tiny
+    prompts = random_prompts(24, 16, seed=4, max_len=12)
+    expected = plain_outputs(model_dir, tuple(map(tuple, prompts)))
+    args = default_server_args(model_dir) + ["--skip-tokenizer-init"] + flexdraft_args(adapter_dir)
+    with SGLangServer(args, launcher=SGLangServer.SERVE) as server:
+        outputs = generate_all(server, prompts[:4], ignore_eos=True)
+    assert [o["output_ids"] for o in outputs] == expected[:4]
+    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in outputs)
+
+
 QUESTIONS = [
     "What is the capital of France?", "Name three colours.", "Write a haiku about autumn leaves.",
     "What is 12 times 12?", "Explain photosynthesis in one sentence.", "Give me a synonym for happy.",
@@ -213,6 +225,12 @@ def test_serving_robustness_matches_plain_and_leaks_nothing(tiny):
         expected = workload(server, prompts, stop_cases)
     with SGLangServer(base + flexdraft_args(adapter_dir), env={**strict, "FLEXDRAFT_VERIFY_LEN": "5"}) as server:
         got = workload(server, prompts, stop_cases)
+        # settings the verification cannot reproduce are refused per request; the server keeps serving
+        for unsupported in ({"repetition_penalty": 1.3}, {"min_p": 0.1}, {"regex": "[0-9]+"}):
+            with pytest.raises(RuntimeError, match=f"HTTP 400.*FLEXDRAFT does not support {next(iter(unsupported))}"):
+                server.post("/generate", {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 4,
+                                                                                       **unsupported}})
+        assert generate_all(server, prompts[:1], ignore_eos=True)[0]["output_ids"] == expected["concurrent"][0]
         log = server.log_tail(200000)
     for key in expected:
         assert got[key] == expected[key], key

@@ -8,6 +8,6 @@ from .modules import CONFIG_FILE, TARGET_CONFIG_FILE, WEIGHTS_FILE, CalibrationM
 
 __all__ = [
     "ADAPTER_FORMAT", "MASK_LAYOUT", "SUPPORTED_ARCHITECTURES", "AdapterConfig", "AdapterError", "TargetSpec",
-    "UnsupportedTargetError", "vocab_digest", "CONFIG_FILE", "TARGET_CONFIG_FILE", "WEIGHTS_FILE", "CalibrationMLP", "FlexDraftAdapter",
-    "TunedAttention",
+    "UnsupportedTargetError", "vocab_digest", "CONFIG_FILE", "TARGET_CONFIG_FILE", "WEIGHTS_FILE", "CalibrationMLP",
+    "FlexDraftAdapter", "TunedAttention",
 ]

@@ -95,7 +95,8 @@ class AdapterConfig:
     def __post_init__(self):
         if not 1 <= self.tuned_depth <= self.target.num_layers:
             raise AdapterError(
-                f"tuned_depth must be between 1 and the target's {self.target.num_layers} layers, got {self.tuned_depth}"
+                f"tuned_depth must be between 1 and the target's {self.target.num_layers} layers, "
+                f"got {self.tuned_depth}"
             )
         if self.block_size < 2:
             raise AdapterError(f"block_size must be at least 2 (one bonus slot and one draft), got {self.block_size}")

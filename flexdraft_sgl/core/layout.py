@@ -128,7 +128,8 @@ class StepLayout:
         per_req = torch.bincount(self.block_request, minlength=bs)
         first_block = torch.cumsum(per_req, 0) - per_req
         req = self.block_request[blocks]
-        first_row = self.request_row_start[req] + self.num_candidates[req] + (blocks - first_block[req]) * self.block_size
+        before = (blocks - first_block[req]) * self.block_size  # rows of the request's earlier blocks
+        first_row = self.request_row_start[req] + self.num_candidates[req] + before
         return first_row[:, None] + torch.arange(self.block_size, device=blocks.device)
 
     def block_after(self, anchors: Tensor) -> Tensor:

@@ -21,11 +21,17 @@ from torch import Tensor, nn
 from ..adapter import FlexDraftAdapter
 
 
-def _tp_all_reduce(x: Tensor) -> Tensor:
-    from sglang.srt.distributed import tensor_model_parallel_all_reduce
+def _tp_size() -> int:
     from sglang.srt.runtime_context import get_parallel
 
-    return tensor_model_parallel_all_reduce(x) if get_parallel().tp_size > 1 else x
+    return get_parallel().tp_size
+
+
+def _tp_all_reduce(x: Tensor) -> Tensor:
+    """The MLP's partial sums: SGLang's decoder layers reduce them in their stage boundary, which mask rows skip."""
+    from sglang.srt.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(x) if _tp_size() > 1 else x
 
 
 class TunedProjectors(nn.Module):
@@ -136,6 +142,10 @@ class MaskBlockDrafter(nn.Module):
 
         hidden = self.model.model.norm(x).view(bs, B, -1)[:, 1:]
         logits = F.linear(hidden, self.model.lm_head.weight)
+        if _tp_size() > 1:  # the LM head holds this rank's slice of the (padded) vocabulary
+            from sglang.srt.distributed import tensor_model_parallel_all_gather
+
+            logits = tensor_model_parallel_all_gather(logits.contiguous(), dim=-1)
         bonus_embedding = self.model.model.embed_tokens(bonus)[:, None].expand_as(hidden)
         vocab = self.calibration.down.out_features
         return logits[..., :vocab] + self.calibration(bonus_embedding, hidden)

@@ -56,10 +56,13 @@ class SGLangServer:
     """`with SGLangServer(args) as server:` starts a server on a free local port, waits until it is healthy (or
     raises with the end of its log), and stops it and its children on exit."""
 
-    def __init__(self, args: list[str], env: dict | None = None, startup_timeout: float = 300.0):
+    LAUNCH_SERVER = (sys.executable, "-m", "sglang.launch_server")
+    SERVE = (str(Path(sys.executable).with_name("sglang")), "serve")  # the `sglang serve` command
+
+    def __init__(self, args: list[str], env: dict | None = None, startup_timeout: float = 300.0,
+                 launcher: tuple[str, ...] = LAUNCH_SERVER):
         self.port = free_port()
-        self.args = [sys.executable, "-m", "sglang.launch_server", *args, "--host", "127.0.0.1",
-                     "--port", str(self.port)]
+        self.args = [*launcher, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = server_env(env)
         self.startup_timeout = startup_timeout
         self.log_path = Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])

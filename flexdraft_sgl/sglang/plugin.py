@@ -10,11 +10,12 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from ..patches import adapter_preflight
+    from ..patches import adapter_preflight, unsupported_requests
     from . import cpu
     from .spec import register_algorithm
 
     cpu.install()  # no-op on a machine with a GPU or a real sgl_kernel
     adapter_preflight.register_hooks()
+    unsupported_requests.register_hooks()
     register_algorithm()
     _registered = True
