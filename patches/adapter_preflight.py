@@ -9,8 +9,9 @@ FLEXDRAFT; every other algorithm goes straight through.
 
 from __future__ import annotations
 
+from . import register
+
 TARGET = "sglang.srt.arg_groups.speculative_hook._resolve_speculative_algorithm_alias"
-_registered = False
 
 
 def _check_adapter_first(original, speculative_algorithm, speculative_draft_model_path, *args, **kwargs):
@@ -22,10 +23,4 @@ def _check_adapter_first(original, speculative_algorithm, speculative_draft_mode
 
 
 def register_hooks() -> None:
-    global _registered
-    if _registered:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(TARGET, _check_adapter_first, HookType.AROUND)
-    _registered = True
+    register(TARGET, _check_adapter_first, "AROUND")

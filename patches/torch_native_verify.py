@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+from . import register
+
 BACKEND = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
-_registered = False
 
 
 @dataclass
@@ -121,11 +122,5 @@ def _around_forward_extend(original, backend, q, k, v, layer, forward_batch, sav
 
 def register_hooks() -> None:
     """Register both hooks with SGLang's HookRegistry (applied by `load_plugins`); idempotent."""
-    global _registered
-    if _registered:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(f"{BACKEND}.init_forward_metadata", _after_init_forward_metadata, HookType.AFTER)
-    HookRegistry.register(f"{BACKEND}.forward_extend", _around_forward_extend, HookType.AROUND)
-    _registered = True
+    register(f"{BACKEND}.init_forward_metadata", _after_init_forward_metadata, "AFTER")
+    register(f"{BACKEND}.forward_extend", _around_forward_extend, "AROUND")

@@ -9,8 +9,9 @@ own. A BEFORE hook marks those requests finished with an error (HTTP 400) instea
 
 from __future__ import annotations
 
+from . import register
+
 TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
-_registered = False
 
 
 def unsupported_features(params, custom_logit_processor=None) -> list[str]:
@@ -36,10 +37,4 @@ def _refuse_unsupported(scheduler, req, *args, **kwargs):
 
 
 def register_hooks() -> None:
-    global _registered
-    if _registered:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(TARGET, _refuse_unsupported, HookType.BEFORE)
-    _registered = True
+    register(TARGET, _refuse_unsupported, "BEFORE")
