@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import random_adapter, tiny_target
@@ -27,10 +26,8 @@ def test_prepare_default_is_idempotent(smollm2):
     path = prepare_default_model()
     weights = path / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    started = time.perf_counter()
     assert flexdraft("prepare-default").stdout.strip() == str(default_model_dir())
-    assert prepare_default_model() == path and weights.stat().st_mtime_ns == before
-    assert time.perf_counter() - started < 60  # no second conversion
+    assert prepare_default_model() == path and weights.stat().st_mtime_ns == before  # not converted again
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
