@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (AdapterError, UnsupportedTargetError, FileNotFoundError, ValueError) as e:
+    except (AdapterError, UnsupportedTargetError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+        # RuntimeError / TimeoutError: an SGLang server that did not start (the message ends with its log)
         print(f"flexdraft: error: {e}", file=sys.stderr)
         return 2
 
