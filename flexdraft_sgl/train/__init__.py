@@ -1,0 +1,1 @@
+"""Training FlexDraft adapters (FLEXDRAFT.md, "Training"). So far: the packed mask-block objective."""
