@@ -64,6 +64,24 @@ def filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return torch.where(greedy, one_hot, probs)
 
 
+def draw(logits: Tensor, params: SamplingParams, generator: torch.Generator | None, all_greedy: bool) -> Tensor:
+    """A token from the target's logits: argmax for an all-greedy batch (no V-sized distribution), else a sample."""
+    if all_greedy:
+        return logits.argmax(-1)
+    return sample(filtered_probs(logits, params), generator)
+
+
+def draw_drafts(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+                all_greedy: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Drafts from calibrated draft logits [bs, D, V]: (tokens, the filtered distribution they were drawn from, or
+    None when all greedy, top probability of each row for the verify-length rule)."""
+    top = torch.softmax(logits.float(), -1).amax(-1)
+    if all_greedy:
+        return logits.argmax(-1), None, top
+    probs = filtered_probs(logits, params)
+    return sample(probs, generator), probs, top
+
+
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One draw per distribution over the last dimension (exponential race: argmax p / E, E ~ Exp(1)). A one-hot
     distribution always yields its argmax, so greedy rows need no special case."""

@@ -24,7 +24,7 @@ from ..core.confidence import verify_lengths
 from ..core.layout import StepLayout, decode_layout, draft_layout, parallel_layout, prefill_layout, verify_layout
 from ..core.masks import dense_mask, padded_rows
 from ..core.policy import ForwardCostTable, Mode, default_cost_table, plan_step
-from ..core.sampling import SamplingParams, filtered_probs, sample
+from ..core.sampling import SamplingParams, draw, draw_drafts, filtered_probs
 
 MODES = ("parallel", "sequential", "flex", "plain")
 
@@ -334,21 +334,14 @@ class _Run:
 
     # ---- pieces of a step --------------------------------------------------------------------------------------
     def _sample_target(self, logits: Tensor) -> Tensor:
-        if self.params.all_greedy:
-            return logits.argmax(-1)
-        return sample(filtered_probs(logits, self.params), self.gen)
+        return draw(logits, self.params, self.gen, self.params.all_greedy)
 
     def _draft_from(self, hidden: Tensor, layout: StepLayout, anchors: Tensor, bonus: Tensor) -> None:
         """Keep the block anchored after `anchors` (per request), calibrate its rows 1..B-1 with the resolved bonus,
         and draw the next drafts from it."""
         rows = layout.block_rows(layout.block_after(anchors))[:, 1:]
         logits = self.e.draft_logits(hidden[rows], bonus)
-        self.draft_top = torch.softmax(logits.float(), -1).amax(-1)
-        if self.params.all_greedy:
-            self.drafts, self.draft_q = logits.argmax(-1), None
-        else:
-            self.draft_q = filtered_probs(logits, self.params)
-            self.drafts = sample(self.draft_q, self.gen)
+        self.drafts, self.draft_q, self.draft_top = draw_drafts(logits, self.params, self.gen, self.params.all_greedy)
 
     def _verify_lens(self) -> Tensor:
         if self.verify_len is not None:

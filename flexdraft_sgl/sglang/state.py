@@ -48,12 +48,12 @@ class FlexDraftState(SpecInput):
                 continue
             if mine is None or theirs is None:  # one side greedy: rebuild the missing distribution as one-hot
                 vocab = (mine if mine is not None else theirs).shape[-1]
-                mine = mine if mine is not None else _one_hot(self.drafts, vocab, theirs.dtype)
-                theirs = theirs if theirs is not None else _one_hot(other.drafts, vocab, mine.dtype)
+                mine = mine if mine is not None else one_hot(self.drafts, vocab, theirs.dtype)
+                theirs = theirs if theirs is not None else one_hot(other.drafts, vocab, mine.dtype)
             setattr(self, name, torch.cat([mine, theirs]))
 
 
-def _one_hot(tokens: torch.Tensor, vocab: int, dtype) -> torch.Tensor:
+def one_hot(tokens: torch.Tensor, vocab: int, dtype) -> torch.Tensor:
     return torch.nn.functional.one_hot(tokens, vocab).to(dtype)
 
 

@@ -35,10 +35,10 @@ from ..core.acceptance import greedy_verify, speculative_verify
 from ..core.confidence import verify_lengths
 from ..core.layout import verify_layout
 from ..core.masks import full_mask
-from ..core.sampling import SamplingParams, filtered_probs, sample
+from ..core.sampling import SamplingParams, draw, draw_drafts, filtered_probs
 from .drafter import MaskBlockDrafter
 from .spec import FlexDraftSettings
-from .state import FlexDraftState, FlexDraftVerifyInput
+from .state import FlexDraftState, FlexDraftVerifyInput, one_hot
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class FlexDraftWorker(BaseSpecWorker):
             emitted, resolved = accepted + 1, bonus
         else:  # sequential: push the bonus through the target for one exact token
             bonus_logits, _ = self._forward_rows(batch, lens, bonus[:, None])
-            resolved = self._sample_target(bonus_logits[:, 0], params, batch.sampling_info.is_all_greedy)
+            resolved = draw(bonus_logits[:, 0], params, self.generator, batch.sampling_info.is_all_greedy)
             out[rows, accepted + 1] = resolved
             logits_per_token.append(bonus_logits)
             lens = lens + 1
@@ -176,22 +176,15 @@ class FlexDraftWorker(BaseSpecWorker):
             return greedy_verify(drafts, logits.argmax(-1), verify)
         q = state.draft_probs
         if q is None:  # drafted while every request was greedy
-            q = torch.nn.functional.one_hot(state.drafts, logits.shape[-1]).float()
+            q = one_hot(state.drafts, logits.shape[-1], torch.float32)
         return speculative_verify(drafts, q[:, : drafts.shape[1]], filtered_probs(logits, params), verify,
                                   self.generator)
 
-    def _sample_target(self, logits: Tensor, params: SamplingParams, all_greedy: bool) -> Tensor:
-        if all_greedy:
-            return logits.argmax(-1)
-        return sample(filtered_probs(logits, params), self.generator)
-
     def _draft(self, req_pool_indices, committed_lens, bonus, sampling_info) -> FlexDraftState:
         logits = self.drafter.draft_logits(req_pool_indices, committed_lens, bonus)
-        top = torch.softmax(logits.float(), -1).amax(-1)
-        if sampling_info.is_all_greedy:
-            return FlexDraftState(bonus, logits.argmax(-1), top)
-        probs = filtered_probs(logits, _sampling_params(sampling_info))
-        return FlexDraftState(bonus, sample(probs, self.generator), top, probs)
+        drafts, probs, top = draw_drafts(logits, _sampling_params(sampling_info), self.generator,
+                                         sampling_info.is_all_greedy)
+        return FlexDraftState(bonus, drafts, top, probs)
 
 
 def _attach_logprobs(batch, logits_output, logits_per_token: list[Tensor], accepted: Tensor, out: Tensor) -> None:
