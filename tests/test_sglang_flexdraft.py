@@ -198,15 +198,19 @@ def workload(server: SGLangServer, prompts, stop_cases):
         "max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}) for _ in range(2))
     results["radix"] = [first["output_ids"], second["output_ids"]]
     assert second["meta_info"]["cached_tokens"] >= 40, second["meta_info"]
-    # abort a long generation midway; the server keeps serving
-    aborted = {}
-    worker = threading.Thread(target=lambda: aborted.update(server.post("/generate", {
-        "input_ids": prompts[2], "rid": "to-abort",
-        "sampling_params": {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}})))
-    worker.start()
-    time.sleep(1.5)
-    server.post("/abort_request", {"rid": "to-abort"})
-    worker.join(timeout=120)
+    # abort a long generation midway; the server keeps serving. A tiny model can finish 900 tokens in well under a
+    # second, so the abort is sent ever sooner until one lands mid-generation.
+    for delay in (0.5, 0.2, 0.05, 0.0):
+        aborted = {}
+        worker = threading.Thread(target=lambda: aborted.update(server.post("/generate", {
+            "input_ids": prompts[2], "rid": f"to-abort-{delay}",
+            "sampling_params": {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}})))
+        worker.start()
+        time.sleep(delay)
+        server.post("/abort_request", {"rid": f"to-abort-{delay}"})
+        worker.join(timeout=120)
+        if aborted["meta_info"]["finish_reason"]["type"] == "abort":
+            break
     assert aborted["meta_info"]["finish_reason"]["type"] == "abort", aborted["meta_info"]["finish_reason"]
     assert len(aborted["output_ids"]) < 900
     time.sleep(3)  # idle: the scheduler checks its KV pools (strictly, see the env below)
