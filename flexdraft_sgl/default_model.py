@@ -21,6 +21,16 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = "flexdraft-converted.json"
 
 
+# The adapter trained for the embedded default (`flexdraft train`; see its README.md, the model card).
+DEFAULT_ADAPTER_DIR = Path(__file__).parent / "default_adapter"
+
+
+def default_adapter_path() -> Path:
+    if not (DEFAULT_ADAPTER_DIR / "adapter.safetensors").is_file():
+        raise FileNotFoundError(f"the shipped adapter is missing from {DEFAULT_ADAPTER_DIR}")
+    return DEFAULT_ADAPTER_DIR
+
+
 def cache_root() -> Path:
     """Where converted models live: $FLEXDRAFT_CACHE, else ~/.cache/flexdraft."""
     return Path(os.environ.get("FLEXDRAFT_CACHE", Path.home() / ".cache" / "flexdraft"))

@@ -15,6 +15,9 @@ from flexdraft_sgl.reference import ReferenceEngine
 from flexdraft_sgl.sglang.launch import SGLangServer, default_server_args, flexdraft_args
 
 MAX_NEW = 32
+# Accept length (tokens per step) the shipped SmolLM2 adapter must reach on short chat answers. Measured: 1.13 and 2.15
+# on the chat test, 1.08 in the demo (which counts its warm-up request); an untrained adapter gets about 1.0 and 2.0.
+ACCEPT_LENGTH_FLOOR = {"parallel": 1.07, "sequential": 2.08, "demo": 1.04}
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,16 +119,29 @@ def smollm2_plain_answers(smollm2):
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
-def test_smollm2_chat_equals_plain_sglang(smollm2_adapter, smollm2_plain_answers, mode):
-    from flexdraft_sgl.default_model import default_model_dir
+def test_smollm2_chat_with_the_shipped_adapter_equals_plain_sglang(smollm2, smollm2_plain_answers, mode):
+    from flexdraft_sgl.default_model import default_adapter_path, default_model_dir
 
-    args = default_server_args(str(default_model_dir())) + flexdraft_args(smollm2_adapter)
+    args = default_server_args(str(default_model_dir())) + flexdraft_args(str(default_adapter_path()))
     with SGLangServer(args, env={"FLEXDRAFT_MODE": mode}) as server:
         answers = chat_all(server)
         info = server.get("/server_info")["internal_states"][0]
     assert answers == smollm2_plain_answers
     assert "Paris" in answers[0] and "Paris" not in answers[-1] and answers[0].startswith(answers[-1])
-    assert info["avg_spec_accept_length"] >= (2.0 if mode == "sequential" else 1.0)
+    # the trained adapter's drafts are accepted (an untrained one: about 1.0 in parallel mode)
+    assert info["avg_spec_accept_length"] >= ACCEPT_LENGTH_FLOOR[mode], info["avg_spec_accept_length"]
+
+
+def test_the_readme_demo_serves_the_shipped_adapter(smollm2):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flexdraft_sgl.cli", "demo", "--max-new-tokens", "48"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "UNTRAINED" not in proc.stderr and "output identical to plain decoding" in proc.stdout
+    accept = float(proc.stdout.split("accept length ")[1].split()[0])
+    assert accept >= ACCEPT_LENGTH_FLOOR["demo"], proc.stdout
 
 
 def _refused(args, env=None) -> str:

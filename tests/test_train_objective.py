@@ -8,7 +8,11 @@ from conftest import hf_greedy, random_prompts, tiny_target
 
 from flexdraft_sgl.adapter import FlexDraftAdapter
 from flexdraft_sgl.reference import ReferenceEngine
+from flexdraft_sgl.train.data import Sample
 from flexdraft_sgl.train.objective import mask_block_loss, random_anchors
+from flexdraft_sgl.train.trainer import Trainer, TrainConfig
+
+SEED = 0
 
 
 def train(engine: ReferenceEngine, sequences: torch.Tensor, steps: int, lr: float, seed: int = 0,
@@ -60,18 +64,21 @@ def counting_target(vocab: int = 16, steps: int = 200) -> torch.nn.Module:
     return model.eval()
 
 
-def test_a_short_run_on_a_synthetic_language_reaches_a_high_tau():
+def test_a_short_run_on_a_synthetic_language_reaches_a_high_tau(tmp_path):
+    """The whole trainer (`train.trainer`) on the counting language: tau near the block's maximum."""
     torch.manual_seed(0)
     model = counting_target()
     prompts = [[s, (s + 1) % 16] for s in range(0, 16, 3)]
     for prompt in prompts:  # the target did learn to count
         assert hf_greedy(model, prompt, 8) == [(prompt[-1] + 1 + i) % 16 for i in range(8)]
-    adapter = FlexDraftAdapter.init_from_target(model, tuned_depth=1, block_size=4, calibration_rank=32)
-    engine = ReferenceEngine(model, adapter)
-    sequences = (torch.arange(16)[:, None] + torch.arange(24)) % 16
-    before = engine.generate(prompts, max_new_tokens=24, mode="parallel", verify_len=3)
-    losses = train(engine, sequences, steps=150, lr=1e-2)
-    after = engine.generate(prompts, max_new_tokens=24, mode="parallel", verify_len=3)
-    tau = sum(r.stats.tau for r in after) / len(after)
-    assert [r.tokens for r in after] == [r.tokens for r in before]  # lossless throughout
-    assert tau >= 3.0, (tau, losses[-5:], [r.stats.accepted_hist for r in after])
+    samples = [Sample(s, [s, (s + 1) % 16], [(s + 2 + i) % 16 for i in range(22)]) for s in range(16)]
+    config = TrainConfig(tuned_depth=1, block_size=4, calibration_rank=32, steps=300, sequences_per_step=8,
+                         anchors_per_sequence=8, lr=1e-2, warmup_steps=10, loss_decay=1.0, seed=SEED)
+    trainer = Trainer(model, None, samples, tmp_path, config, progress=False)
+    before = trainer.engine.generate(prompts, max_new_tokens=24, mode="parallel", verify_len=3)
+    trainer.run()
+    for mode in ("parallel", "sequential"):
+        after = trainer.engine.generate(prompts, max_new_tokens=24, mode=mode, verify_len=3)
+        tau = sum(r.stats.tau for r in after) / len(after)
+        assert [r.tokens for r in after] == [r.tokens for r in before]  # lossless throughout
+        assert tau >= 3.0, (mode, tau, trainer.losses[-5:], [r.stats.accepted_hist for r in after])

@@ -12,9 +12,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 ADAPTER_FORMAT = "flexdraft-adapter/1"
-# Mask row j of a block anchored after the token at position p sits at position p+1+j; row 0 is the next bonus slot,
-# rows 1..B-1 draft the tokens after it. Changing this breaks every trained adapter, hence the version.
-MASK_LAYOUT = "anchor-after/row0-bonus-slot/v1"
+# Mask row j of a block anchored after the token at position p sits at position p+1+j and enters the split layer with
+# its own mask embedding; row 0 is the next bonus slot, rows 1..B-1 draft the tokens after it. Changing this breaks
+# every trained adapter, hence the version (v1 had one mask embedding shared by all rows).
+MASK_LAYOUT = "anchor-after/row0-bonus-slot/row-embeddings/v2"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 

@@ -1,6 +1,9 @@
 """The adapter's weights: the only trained part of FlexDraft.
 
-  mask_embedding     [H]: the hidden state every mask row enters the split layer with
+  mask_embedding     [B, H]: the hidden state mask row j of a block enters the split layer with. One vector per row,
+                     where the paper has one for all: rows that enter alike differ only through rotary positions,
+                     and a short training run then drafts about the same token on every row (measured: see
+                     flexdraft_sgl/default_adapter/README.md)
   attention[i]       tuned q/k/v/o projectors (and q/k norms where the target has them) for mask rows in the i-th of
                      the final N layers; candidate and prompt rows keep the target's own
   calibration        Linear(2H -> r) -> SiLU -> Linear(r -> V) over [embedding(bonus), final-normed mask hidden],
@@ -65,8 +68,14 @@ class TunedAttention(nn.Module):
                 mine.load_state_dict(getattr(target_attention, name).state_dict())
 
 
+def _unit_rms(x: Tensor) -> Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+
 class CalibrationMLP(nn.Module):
-    """Bonus-guided calibration: a logit correction from [embedding(bonus), draft hidden]."""
+    """Bonus-guided calibration: a logit correction from [embedding(bonus), draft hidden]. Both halves are scaled to
+    unit RMS first: a token embedding is about 14 times smaller than a final-normed hidden state (SmolLM2), and at
+    that ratio training took hundreds of steps to notice the bonus at all."""
 
     def __init__(self, hidden_size: int, rank: int, vocab_size: int):
         super().__init__()
@@ -77,7 +86,8 @@ class CalibrationMLP(nn.Module):
         nn.init.zeros_(self.down.bias)
 
     def forward(self, bonus_embedding: Tensor, hidden: Tensor) -> Tensor:
-        return self.down(nn.functional.silu(self.up(torch.cat([bonus_embedding, hidden], dim=-1))))
+        x = torch.cat([_unit_rms(bonus_embedding), _unit_rms(hidden)], dim=-1)
+        return self.down(nn.functional.silu(self.up(x)))
 
 
 class FlexDraftAdapter(nn.Module):
@@ -85,7 +95,7 @@ class FlexDraftAdapter(nn.Module):
         super().__init__()
         spec = config.target
         self.config = config
-        self.mask_embedding = nn.Parameter(torch.zeros(spec.hidden_size))
+        self.mask_embedding = nn.Parameter(torch.zeros(config.block_size, spec.hidden_size))
         self.attention = nn.ModuleList(TunedAttention(spec, rms_norm_eps) for _ in range(config.tuned_depth))
         self.calibration = CalibrationMLP(spec.hidden_size, config.calibration_rank, spec.vocab_size)
         self.target_hf_config: dict | None = None  # written beside the adapter for SGLang (see module docstring)
@@ -96,7 +106,7 @@ class FlexDraftAdapter(nn.Module):
                          calibration_rank: int = 256, tokenizer=None, target_name: str = "",
                          seed: int = 0) -> FlexDraftAdapter:
         """An untrained adapter for a Hugging Face target: projectors copied from its final `tuned_depth` layers, the
-        mask embedding set to the mean token embedding, calibration initialised to add nothing."""
+        mask embeddings set to the mean token embedding, calibration initialised to add nothing."""
         from .config import vocab_digest
 
         spec = TargetSpec.from_hf_config(model.config)
@@ -111,16 +121,18 @@ class FlexDraftAdapter(nn.Module):
         for i, tuned in enumerate(adapter.attention):
             tuned.copy_from(layers[config.split_layer + i].self_attn)
         with torch.no_grad():
-            adapter.mask_embedding.copy_(model.get_input_embeddings().weight.float().mean(0))
+            adapter.mask_embedding.copy_(model.get_input_embeddings().weight.float().mean(0).expand_as(
+                adapter.mask_embedding))
         adapter.target_hf_config = model.config.to_dict()
         param = next(model.parameters())
         return adapter.to(device=param.device, dtype=param.dtype)
 
     # ---- persistence -------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the folder; `dtype` stores the weights in another precision (bfloat16 halves the file)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": self.config.format})
         (directory / CONFIG_FILE).write_text(self.config.to_json())
         if self.target_hf_config is not None:

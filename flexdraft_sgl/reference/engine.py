@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from ..adapter import FlexDraftAdapter, TargetSpec, vocab_digest
@@ -117,6 +118,7 @@ class ReferenceEngine:
         self.cost_table = cost_table or default_cost_table()
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.checkpoint_layers = False  # gradient checkpointing of the deep layers (training)
 
     @property
     def block_size(self) -> int:
@@ -159,19 +161,21 @@ class ReferenceEngine:
         else:  # candidate rows: the target's projectors; mask rows: the adapter's
             qc, kc, vc = self._qkv(attn, h[c], hd)
             qm, km, vm = self._qkv(tuned, h[m], hd)
-            q = h.new_empty(len(h), qc.shape[1], hd)
-            k = h.new_empty(len(h), kc.shape[1], hd)
+            q = qc.new_empty(len(h), qc.shape[1], hd)  # qc's dtype: bfloat16 under training's autocast
+            k = kc.new_empty(len(h), kc.shape[1], hd)
             v = torch.empty_like(k)
             q[c], k[c], v[c], q[m], k[m], v[m] = qc, kc, vc, qm, km, vm
         q, k = _rope(q, ctx.cos, ctx.sin), _rope(k, ctx.cos, ctx.sin)
 
-        layout = ctx.layout
-        req, pos = layout.row_request[c], layout.row_position[c]
-        cache.k[index][req, pos] = k[c]
-        cache.v[index][req, pos] = v[c]
-
-        keys = torch.cat([cache.k[index][:, : ctx.pmax], k[ctx.index]], 1).transpose(1, 2)
-        values = torch.cat([cache.v[index][:, : ctx.pmax], v[ctx.index]], 1).transpose(1, 2)
+        if cache is None:  # a layout without prefix, nothing kept (training)
+            keys, values = k[ctx.index].transpose(1, 2), v[ctx.index].transpose(1, 2)
+        else:
+            layout = ctx.layout
+            req, pos = layout.row_request[c], layout.row_position[c]
+            cache.k[index][req, pos] = k[c]
+            cache.v[index][req, pos] = v[c]
+            keys = torch.cat([cache.k[index][:, : ctx.pmax], k[ctx.index]], 1).transpose(1, 2)
+            values = torch.cat([cache.v[index][:, : ctx.pmax], v[ctx.index]], 1).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q[ctx.index].transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=ctx.mask,
             scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1],
@@ -180,28 +184,46 @@ class ReferenceEngine:
         if tuned is None:
             o = attn.o_proj(out)
         else:
-            o = h.new_empty(h.shape)
-            o[c], o[m] = attn.o_proj(out[c]), tuned.o_proj(out[m])
+            oc = attn.o_proj(out[c])
+            o = oc.new_empty(len(h), oc.shape[1])
+            o[c], o[m] = oc, tuned.o_proj(out[m])
         x = x + o
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
-    def forward(self, layout: StepLayout, tokens: Tensor, cache: KVCache) -> Tensor:
+    def forward(self, layout: StepLayout, tokens: Tensor, cache: KVCache | None,
+                split_hidden: Tensor | None = None) -> Tensor:
         """Run one step: `tokens` are the candidate rows' tokens in flat order. Returns the last layer's hidden
-        states (before the final norm) for every row of `layout`, in its flat order."""
-        shallow = layout.candidates_only()
-        x = self.embed(tokens)
-        deep_start = self.split_layer if layout.has_blocks else self.spec.num_layers
-        ctx = self._context(shallow, x)
-        for i in range(deep_start):
-            x = self._layer(i, x, ctx, cache)
+        states (before the final norm) for every row of `layout`, in its flat order. `cache` None: a layout without
+        a cached prefix whose K/V are not kept (training). `split_hidden`: the candidate rows' hidden states entering
+        the split layer, computed earlier by `split_hidden_states` (training caches them), so layers below the split
+        are skipped."""
+        if split_hidden is None:
+            x = self.split_hidden_states(layout, tokens, cache)
+        else:
+            x = split_hidden
         if layout.has_blocks:
             deep = x.new_empty(layout.num_rows, x.shape[1])
             deep[layout.candidate_rows] = x
-            deep[layout.mask_rows] = self.adapter.mask_embedding.to(x.dtype)
-            x, ctx = deep, self._context(layout, deep)
-            for i in range(deep_start, self.spec.num_layers):
-                x = self._layer(i, x, ctx, cache)
+            # mask rows are laid out block by block, rows 0..B-1 each
+            deep[layout.mask_rows] = self.adapter.mask_embedding.to(x.dtype).repeat(len(layout.block_request), 1)
+            x = deep
+        ctx = self._context(layout, x)
+        for i in range(self.split_layer if layout.has_blocks else self.spec.num_layers, self.spec.num_layers):
+            x = self._checkpointed_layer(i, x, ctx, cache) if self.checkpoint_layers else self._layer(i, x, ctx, cache)
         return x
+
+    def split_hidden_states(self, layout: StepLayout, tokens: Tensor, cache: KVCache | None) -> Tensor:
+        """Hidden states of the candidate rows entering the split layer (all layers when `layout` has no blocks)."""
+        shallow = layout.candidates_only()
+        x = self.embed(tokens)
+        ctx = self._context(shallow, x)
+        for i in range(self.split_layer if layout.has_blocks else self.spec.num_layers):
+            x = self._layer(i, x, ctx, cache)
+        return x
+
+    def _checkpointed_layer(self, i: int, x: Tensor, ctx: _Context, cache: KVCache | None) -> Tensor:
+        # Recomputed in the backward pass instead of keeping activations (large targets); needs cache None.
+        return torch.utils.checkpoint.checkpoint(self._layer, i, x, ctx, cache, use_reentrant=False)
 
     def measure_cost_table(self, rows=(1, 2, 4, 8, 16, 32, 64, 128, 256), prefix_len: int = 64,
                            repeats: int = 3) -> ForwardCostTable:
@@ -230,9 +252,12 @@ class ReferenceEngine:
     def draft_logits(self, hidden: Tensor, bonus: Tensor) -> Tensor:
         """Calibrated draft logits for mask rows 1..B-1. hidden [bs, B-1, H] (pre-norm), bonus [bs]: the token
         resolved at the block's row 0."""
+        return self.target_logits(hidden) + self.calibration_correction(hidden, bonus)
+
+    def calibration_correction(self, hidden: Tensor, bonus: Tensor) -> Tensor:
+        """What bonus-guided calibration adds to the LM head's draft logits."""
         h = self.norm(hidden)
-        bonus_embedding = self.embed(bonus)[:, None].expand_as(h)
-        return self.lm_head(h) + self.adapter.calibration(bonus_embedding, h)
+        return self.adapter.calibration(self.embed(bonus)[:, None].expand_as(h), h)
 
     # ---- generation --------------------------------------------------------------------------------------------
     @torch.inference_mode()

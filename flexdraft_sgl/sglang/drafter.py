@@ -128,7 +128,7 @@ class MaskBlockDrafter(nn.Module):
         kv_index = self.req_to_token[req_pool_indices.long()[:, None], slots[None, :]].long()
         kv_index = torch.where(kv_valid, kv_index, 0)
 
-        x = self.mask_embedding.expand(bs * B, -1).contiguous()
+        x = self.mask_embedding.repeat(bs, 1)  # [bs * B, H]: row j of every block gets embedding j
         for layer, tuned in zip(self.deep_layers, self.projectors):
             attn = layer.self_attn
             h = layer.input_layernorm(x)

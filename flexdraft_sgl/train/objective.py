@@ -9,6 +9,8 @@ rows, optionally decayed with distance from the anchor (gamma ** (j-1)).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,28 +18,56 @@ from torch import Tensor
 from ..core.layout import build_layout
 
 
-def random_anchors(length: int, count: int, generator: torch.Generator | None = None) -> list[int]:
-    """`count` distinct anchors k with a bonus token after them (k <= length - 2), sorted."""
-    count = min(count, length - 1)
-    return sorted(torch.randperm(length - 1, generator=generator)[:count].tolist())
+def random_anchors(length: int, count: int, generator: torch.Generator | None = None, first: int = 0) -> list[int]:
+    """`count` distinct anchors k in [first, length - 3] (a bonus and at least one draft target after each), sorted."""
+    span = max(length - 2 - first, 0)
+    return sorted((first + torch.randperm(span, generator=generator)[:min(count, span)]).tolist())
 
 
-def mask_block_loss(engine, sequences: Tensor, anchors: list[list[int]], decay: float = 1.0) -> Tensor:
-    """Mean (decay-weighted) cross-entropy of the draft rows of every block. `engine` is a ReferenceEngine over the
-    frozen target with the adapter being trained; sequences [bs, n] token ids; anchors[i] for sequence i."""
-    bs, n = sequences.shape
+@dataclass
+class PackedBlocks:
+    """Every mask block of one packed forward: the draft rows' hidden states and what they should predict."""
+
+    hidden: Tensor  # [blocks, B-1, H] last-layer hidden states (pre-norm) of draft rows 1..B-1
+    bonus: Tensor  # [blocks] the true token at row 0's slot (calibration input)
+    targets: Tensor  # [blocks, B-1] the tokens rows 1..B-1 should draft
+    valid: Tensor  # [blocks, B-1] False where the target lies past the sequence's end
+    owner: Tensor  # [blocks] sequence of each block
+    anchor: Tensor  # [blocks] anchor position within its sequence
+
+
+def packed_blocks(engine, sequences, anchors: list[list[int]], split_hidden: list[Tensor] | None = None
+                  ) -> PackedBlocks:
+    """One forward over clean sequences (ragged: a list of 1-D tensors, or a [bs, n] tensor) with a mask block after
+    each anchor. split_hidden[i], if given, is sequence i's hidden states entering the split layer
+    (`ReferenceEngine.split_hidden_states`), so the layers below it are not run again."""
+    sequences = list(sequences)
+    flat = torch.cat(sequences)
+    lengths = torch.tensor([len(x) for x in sequences], device=flat.device)
     B = engine.block_size
-    layout = build_layout([0] * bs, [n] * bs, anchors, B)
-    hidden = engine.forward(layout, sequences.reshape(-1), engine.new_cache(bs, n))
+    layout = build_layout(torch.zeros_like(lengths), lengths, anchors, B)
+    hidden = engine.forward(layout, flat, None, None if split_hidden is None else torch.cat(split_hidden))
 
-    blocks = torch.arange(len(layout.block_request))
-    rows = layout.block_rows(blocks)[:, 1:]  # [blocks, B-1]: the draft rows
+    blocks = torch.arange(len(layout.block_request), device=flat.device)
+    rows = layout.block_rows(blocks)[:, 1:]
     owner, anchor = layout.block_request, layout.block_anchor
-    bonus = sequences[owner, anchor + 1]
-    target_pos = anchor[:, None] + 1 + torch.arange(1, B)
-    valid = target_pos < n
-    targets = sequences[owner[:, None], target_pos.clamp(max=n - 1)]
-    logits = engine.draft_logits(hidden[rows], bonus).float()
-    weights = valid * decay ** torch.arange(B - 1, dtype=torch.float32)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    start = torch.cumsum(lengths, 0) - lengths  # of each sequence in `flat`
+    n = lengths[owner]
+    target_pos = anchor[:, None] + 1 + torch.arange(1, B, device=flat.device)
+    return PackedBlocks(
+        hidden=hidden[rows], bonus=flat[start[owner] + anchor + 1],
+        targets=flat[start[owner, None] + target_pos.minimum(n[:, None] - 1)], valid=target_pos < n[:, None],
+        owner=owner, anchor=anchor,
+    )
+
+
+def mask_block_loss(engine, sequences, anchors: list[list[int]], decay: float = 1.0,
+                    split_hidden: list[Tensor] | None = None) -> Tensor:
+    """Mean (decay-weighted) cross-entropy of the draft rows of every block. `engine` is a ReferenceEngine over the
+    frozen target with the adapter being trained; the rest as for `packed_blocks`."""
+    blocks = packed_blocks(engine, sequences, anchors, split_hidden)
+    logits = engine.draft_logits(blocks.hidden, blocks.bonus).float()
+    steps = torch.arange(blocks.targets.shape[1], dtype=torch.float32, device=logits.device)
+    weights = blocks.valid * decay ** steps
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks.targets.reshape(-1), reduction="none")
     return (loss * weights.reshape(-1)).sum() / weights.sum().clamp(min=1e-9)

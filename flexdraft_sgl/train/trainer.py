@@ -1,0 +1,270 @@
+"""`flexdraft train`: fit an adapter to a frozen target on self-distillation data (`train.data`).
+
+The target runs once per sequence up to the split layer; those hidden states are cached, so a step runs only the final
+N layers over the clean rows plus `anchors_per_sequence` mask blocks (`objective.mask_block_loss`). Sequence order and
+anchors are functions of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would; a
+checkpoint (adapter, optimiser, step, losses) is written atomically every `checkpoint_every` steps.
+
+Calibration is trained jointly with the rest, or as a second stage (`calibration="second-stage"`: `steps` without it,
+then `calibration_steps` with everything else frozen), which makes "without calibration" an exact ablation.
+
+Mask embeddings start at the mean split-layer hidden state of the data and learn at a rate scaled to it
+(`Trainer.prepare`): without that they stay put at the lr the projectors need, every row of a block enters the deep
+layers alike, and the drafts come out the same token on every row.
+
+Output folder:
+  checkpoint.pt        latest training state (resume)
+  split_hidden.pt      cached split-layer hidden states of every sample
+  log.jsonl            one line per step: step, loss, lr, seconds
+  adapter/             the trained adapter (weights saved in `save_dtype`)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..adapter import FlexDraftAdapter
+from ..core.layout import build_layout
+from ..reference import ReferenceEngine
+from .data import Sample
+from .objective import mask_block_loss, random_anchors
+
+CALIBRATION_MODES = ("joint", "second-stage")
+# The mask embeddings' lr, in units of their starting RMS times the base lr: rows must move apart by a visible fraction
+# of a vector whose RMS is in the tens within a few hundred steps.
+MASK_EMBEDDING_LR_SCALE = 5.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tuned_depth: int = 4
+    block_size: int = 8
+    calibration_rank: int = 64
+    steps: int = 2000
+    sequences_per_step: int = 4
+    anchors_per_sequence: int = 32
+    max_length: int = 512  # tokens per training sequence (prompt + response), longer ones are cut
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    loss_decay: float = 0.85  # weight of draft row j is loss_decay ** (j - 1)
+    calibration: str = "joint"
+    calibration_steps: int = 0  # second stage only
+    checkpoint_every: int = 100
+    seed: int = 0
+    compute_dtype: str = "float32"  # "bfloat16": autocast (adapter weights stay float32)
+    grad_checkpointing: bool = False
+    init_adapter: str = ""  # start from this adapter's weights (same N, B, r) instead of the target's copy
+
+    def __post_init__(self):
+        if self.calibration not in CALIBRATION_MODES:
+            raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, not {self.calibration!r}")
+        if self.block_size < 2 or self.tuned_depth < 1 or self.sequences_per_step < 1:
+            raise ValueError("block_size >= 2, tuned_depth >= 1 and sequences_per_step >= 1 are needed")
+        if self.steps < 0 or self.total_steps < 1:
+            raise ValueError("nothing to train: give steps (or calibration steps with calibration='second-stage')")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + (self.calibration_steps if self.calibration == "second-stage" else 0)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine to a tenth, restarted for the calibration stage."""
+    if step >= config.steps:
+        step, length = step - config.steps, config.calibration_steps
+    else:
+        length = config.steps
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(length - config.warmup_steps, 1)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def batch_for_step(config: TrainConfig, num_samples: int, step: int) -> list[int]:
+    """Sample indices of a step: consecutive slices of a per-epoch permutation seeded by (seed, epoch)."""
+    per_epoch = max(num_samples // config.sequences_per_step, 1)
+    epoch, slot = divmod(step, per_epoch)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    return order[slot * config.sequences_per_step:(slot + 1) * config.sequences_per_step].tolist()
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, model, tokenizer, samples: list[Sample], out_dir: str | Path, config: TrainConfig,
+                 target_name: str = "", progress: bool = True):
+        if not samples:
+            raise ValueError("no training samples")
+        self.config, self.out, self.progress = config, Path(out_dir), progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.samples = samples
+        device = next(model.parameters()).device
+        self.sequences = [torch.tensor(s.tokens[: config.max_length], device=device) for s in samples]
+        # Anchors only where decoding puts them: after the last prompt token and inside the response.
+        self.first_anchor = [min(len(s.prompt_ids), config.max_length) - 1 for s in samples]
+        adapter = FlexDraftAdapter.init_from_target(
+            model, tuned_depth=config.tuned_depth, block_size=config.block_size,
+            calibration_rank=config.calibration_rank, tokenizer=tokenizer, target_name=target_name, seed=config.seed,
+        ).float()
+        if config.init_adapter:
+            start = FlexDraftAdapter.load(config.init_adapter, target_config=model.config, dtype=torch.float32)
+            c = start.config
+            if (c.tuned_depth, c.block_size, c.calibration_rank) != (config.tuned_depth, config.block_size,
+                                                                       config.calibration_rank):
+                raise ValueError(f"{config.init_adapter} has N={c.tuned_depth}, B={c.block_size}, "
+                                 f"r={c.calibration_rank}; this run trains N={config.tuned_depth}, "
+                                 f"B={config.block_size}, r={config.calibration_rank}")
+            adapter.load_state_dict(start.state_dict())
+        self.adapter = adapter
+        self.engine = ReferenceEngine(model, adapter, tokenizer)
+        self.engine.checkpoint_layers = config.grad_checkpointing
+        # Adam moves every weight by about lr per step whatever its scale, so the mask embeddings, which live at the
+        # scale of the split layer's residual stream, get their own group whose lr is scaled to it (`prepare`).
+        others = [p for name, p in adapter.named_parameters() if name != "mask_embedding"]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": others, "lr_scale": 1.0}, {"params": [adapter.mask_embedding], "lr_scale": 1.0}],
+            lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
+        )
+        self.step, self.losses, self.seconds = 0, [], 0.0  # seconds: training time over all resumed runs
+        self._resume()
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def _state_key(self) -> dict:
+        return {"config": asdict(self.config), "sample_indices": [s.index for s in self.samples]}
+
+    def _resume(self) -> None:
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return
+        state = torch.load(path, weights_only=False)
+        if state["key"] != self._state_key():
+            raise ValueError(f"{path} belongs to a run with other settings or data; use a new --out folder")
+        self.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
+
+    def save_checkpoint(self) -> None:
+        _atomic_save({"key": self._state_key(), "adapter": self.adapter.state_dict(),
+                      "optimizer": self.optimizer.state_dict(), "step": self.step, "losses": self.losses,
+                      "seconds": self.seconds},
+                     self.out / "checkpoint.pt")
+
+    def _autocast(self):
+        if self.config.compute_dtype == "float32":
+            return contextlib.nullcontext()
+        device = self.engine.device.type
+        return torch.autocast(device_type=device, dtype=getattr(torch, self.config.compute_dtype))
+
+    @torch.no_grad()
+    def split_hidden(self, batch_tokens: int = 4096) -> list[torch.Tensor]:
+        """Every sequence's hidden states entering the split layer, computed once and cached on disk."""
+        from tqdm import tqdm
+
+        path = self.out / "split_hidden.pt"
+        key = {"split_layer": self.engine.split_layer, "lengths": [len(x) for x in self.sequences],
+               "dtype": self.config.compute_dtype, "indices": [s.index for s in self.samples]}
+        if path.exists():
+            cached = torch.load(path, weights_only=False)
+            if cached["key"] == key:
+                return cached["hidden"]
+        hidden, i = [], 0
+        bar = tqdm(total=len(self.sequences), desc="split-layer hidden states", unit="seq", disable=not self.progress)
+        while i < len(self.sequences):
+            group = [self.sequences[i]]
+            while i + len(group) < len(self.sequences) and \
+                    sum(map(len, group)) + len(self.sequences[i + len(group)]) <= batch_tokens:
+                group.append(self.sequences[i + len(group)])
+            layout = build_layout([0] * len(group), [len(x) for x in group], [[] for _ in group], 1)
+            with self._autocast():
+                x = self.engine.split_hidden_states(layout, torch.cat(group), None)
+            hidden += list(x.split([len(g) for g in group]))
+            i += len(group)
+            bar.update(len(group))
+        bar.close()
+        hidden = [h.to("cpu", copy=True) for h in hidden]  # host memory; a step moves its few to the device
+        _atomic_save({"key": key, "hidden": hidden}, path)
+        return hidden
+
+    def prepare(self) -> list[torch.Tensor]:
+        """The cached split-layer hidden states; a fresh run also starts every mask embedding at their mean, where
+        the deep layers expect their input (the split layer's residual stream is hundreds of times larger than
+        a token embedding)."""
+        hidden = self.split_hidden()
+        if self.step == 0:
+            mean = sum(h.double().sum(0) for h in hidden) / sum(len(h) for h in hidden)
+            if not self.config.init_adapter:
+                with torch.no_grad():
+                    self.adapter.mask_embedding.copy_(mean.to(self.adapter.mask_embedding.dtype).expand_as(
+                        self.adapter.mask_embedding))
+            self.optimizer.param_groups[1]["lr_scale"] = MASK_EMBEDDING_LR_SCALE * float(mean.pow(2).mean().sqrt())
+        return hidden
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def _set_stage(self, step: int) -> None:
+        """Which weights train at `step`: all (joint), all but calibration (stage 1), only calibration (stage 2)."""
+        second = self.config.calibration == "second-stage"
+        for name, p in self.adapter.named_parameters():
+            is_calibration = name.startswith("calibration.")
+            p.requires_grad_(not second or (is_calibration == (step >= self.config.steps)))
+
+    def train_step(self, split_hidden: list[torch.Tensor]) -> float:
+        c = self.config
+        started = time.perf_counter()
+        self._set_stage(self.step)
+        indices = batch_for_step(c, len(self.sequences), self.step)
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
+        anchors = [random_anchors(len(self.sequences[i]), c.anchors_per_sequence, g, self.first_anchor[i])
+                   for i in indices]
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(c, self.step) * group["lr_scale"]
+        with self._autocast():
+            loss = mask_block_loss(self.engine, [self.sequences[i] for i in indices], anchors, c.loss_decay,
+                                   [split_hidden[i].to(self.engine.device) for i in indices])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), 1.0)
+        self.optimizer.step()
+        self.step += 1
+        self.losses.append(loss.item())
+        self.seconds += time.perf_counter() - started
+        return self.losses[-1]
+
+    def run(self) -> FlexDraftAdapter:
+        from tqdm import tqdm
+
+        c = self.config
+        split_hidden = self.prepare()
+        bar = tqdm(total=c.total_steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
+        with open(self.out / "log.jsonl", "a") as log:
+            while self.step < c.total_steps:
+                started = time.perf_counter()
+                loss = self.train_step(split_hidden)
+                log.write(json.dumps({"step": self.step, "loss": round(loss, 5),
+                                      "lr": learning_rate(c, self.step - 1),
+                                      "seconds": round(time.perf_counter() - started, 3)}) + "\n")
+                recent = self.losses[-50:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+                bar.update(1)
+                if self.step % c.checkpoint_every == 0 or self.step == c.total_steps:
+                    log.flush()
+                    self.save_checkpoint()
+        bar.close()
+        self.adapter.config = dataclasses.replace(self.adapter.config, trained=True)
+        return self.adapter

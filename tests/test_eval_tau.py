@@ -1,0 +1,82 @@
+"""`flexdraft eval-tau`: replaying greedy decoding over the target's own answers gives exactly the accepted lengths
+that decoding gives, for both modes and both verify lengths; variants change only what they name; work is cached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_adapter, random_prompts, tiny_target
+
+from flexdraft_sgl.eval import datasets as eval_datasets
+from flexdraft_sgl.eval import tau as tau_eval
+from flexdraft_sgl.eval.tau import TauEval, adapter_variant, answer_drafts, markdown_table, walk
+from flexdraft_sgl.reference import ReferenceEngine
+
+
+class IdTokenizer:
+    """Prompts are already token ids, written as text: "3 1 4"."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def get_vocab(self):
+        return {str(i): i for i in range(16)}
+
+
+def test_variants_change_only_what_they_name():
+    adapter = random_adapter(tiny_target("llama"), block_size=4)
+    off = adapter_variant(adapter, 3, calibration=False)
+    assert off.config.block_size == 3 and adapter.config.block_size == 4
+    H = adapter.config.target.hidden_size
+    with torch.no_grad():
+        assert float(off.calibration(torch.randn(2, H), torch.randn(2, H)).abs().max()) == 0.0
+    assert torch.equal(off.mask_embedding, adapter.mask_embedding[:3])
+    assert adapter.calibration.down.weight.abs().sum() > 0  # the original is untouched
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_the_replay_equals_decoding_step_for_step(arch, mode):
+    # a 16-token vocabulary and a random adapter: drafts are accepted often, at every length
+    model = tiny_target(arch, vocab=16, seed=3)
+    adapter = random_adapter(model, block_size=5, seed=5)
+    engine = ReferenceEngine(model, adapter)
+    prompts = random_prompts(6, 16, seed=4, max_len=10)
+    plain = [r.tokens for r in ReferenceEngine(model).generate(prompts, max_new_tokens=30, mode="plain")]
+    accepted = []
+    for verify_len in (None, 4):  # the confidence rule, and all B-1 drafts
+        decoded = engine.generate(prompts, max_new_tokens=30, mode=mode, verify_len=verify_len)
+        for prompt, answer, result in zip(prompts, plain, decoded):
+            drafts, _ = answer_drafts(engine, prompt, answer)
+            cfg = adapter.config
+            v = (torch.full((len(drafts.top),), 4) if verify_len else
+                 tau_eval.verify_lengths(drafts.top, cfg.verify_rule, cfg.verify_threshold, max_len=4))
+            assert result.tokens == answer
+            trace = [a for a in result.stats.accepted_trace if a >= 0]
+            assert walk(drafts, len(answer), mode, v) == trace
+            accepted += trace
+    assert sum(a > 0 for a in accepted) >= 5  # the comparison saw real acceptance
+
+
+def test_rows_checks_and_caching(tmp_path, monkeypatch):
+    model = tiny_target("qwen2", vocab=16, seed=3)
+    prompts = [" ".join(map(str, p)) for p in random_prompts(5, 16, seed=6)]
+    monkeypatch.setitem(eval_datasets.DATASETS, "tiny", lambda: prompts)
+    adapter = random_adapter(model, block_size=4, seed=2)
+    evaluation = TauEval(model, IdTokenizer(), adapter, tmp_path, max_new_tokens=12, batch_size=2, progress=False)
+    rows = evaluation.rows(["tiny"], [4, 3], ["rule", "full"])
+    assert len(rows) == 2 * 2 * 2 * 2
+    assert all(r["tau"] >= 1.0 and r["answers"] == 5 for r in rows)
+    report = evaluation.check_against_decoding("tiny", 3)
+    for mode in ("parallel", "sequential"):
+        assert report[mode]["identical_to_plain"] == 3 and report[mode]["same_accepted_trace"] == 3
+        assert report[mode]["tau_decoded"] == pytest.approx(report[mode]["tau_replayed"])
+
+    monkeypatch.setattr(tau_eval, "answer_drafts", lambda *a: pytest.fail("recomputed a cached result"))
+    again = TauEval(model, IdTokenizer(), adapter, tmp_path, max_new_tokens=12, batch_size=2, progress=False)
+    assert again.rows(["tiny"], [4, 3], ["rule", "full"]) == rows
+    table = markdown_table(rows)
+    assert table.count("\n") == 2 + 8 and "| tiny | parallel | 4 | rule |" in table
