@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from ..core.confidence import verify_lengths
 from ..reference import ReferenceEngine
 from ..reference.hf import prompt_tokens, stop_tokens
 from ..train.objective import packed_blocks
+from ..train.trainer import atomic_save
 from .datasets import DATASETS
 
 MODES = ("parallel", "sequential")
@@ -155,35 +157,28 @@ class TauEval:
             on, off = answer_drafts(engine, prompt, answer)
             result["on"].append(on)
             result["off"].append(off)
-        tmp = path.with_suffix(".tmp")
-        torch.save(result, tmp)
-        tmp.replace(path)
+        atomic_save(result, path)
         return result
 
     def rows(self, datasets: list[str], block_sizes: list[int], verify: list[str]) -> list[dict]:
         cfg = self.adapter.config
         rows = []
-        for dataset in datasets:
+        for dataset, B in product(datasets, block_sizes):
             lengths = [len(a) for a in self.plain_answers(dataset)]
-            for B in block_sizes:
-                by_calibration = self.drafts(dataset, B)
-                for rule in verify:
-                    for mode in MODES:
-                        for calibration in (True, False):
-                            answers = by_calibration["on" if calibration else "off"]
-                            traces = []
-                            for d, n in zip(answers, lengths):
-                                v = (torch.full((len(d.top),), B - 1) if rule == "full" else
-                                     verify_lengths(d.top, cfg.verify_rule, cfg.verify_threshold, max_len=B - 1))
-                                traces.append(walk(d, n, mode, v))
-                            verified = [a for t in traces for a in t]
-                            rows.append({
-                                "dataset": dataset, "mode": mode, "block_size": B, "calibration": calibration,
-                                "verify": rule, "answers": len(lengths), "tokens": sum(lengths),
-                                "tau": tau_of(traces, lengths),
-                                "mean_accepted": sum(verified) / max(len(verified), 1),
-                                "accepted_hist": [verified.count(a) for a in range(B)],
-                            })
+            by_calibration = self.drafts(dataset, B)
+            for rule, mode, calibration in product(verify, MODES, (True, False)):
+                traces = []
+                for d, n in zip(by_calibration["on" if calibration else "off"], lengths):
+                    v = (torch.full((len(d.top),), B - 1) if rule == "full" else
+                         verify_lengths(d.top, cfg.verify_rule, cfg.verify_threshold, max_len=B - 1))
+                    traces.append(walk(d, n, mode, v))
+                verified = [a for t in traces for a in t]
+                rows.append({
+                    "dataset": dataset, "mode": mode, "block_size": B, "calibration": calibration, "verify": rule,
+                    "answers": len(lengths), "tokens": sum(lengths), "tau": tau_of(traces, lengths),
+                    "mean_accepted": sum(verified) / max(len(verified), 1),
+                    "accepted_hist": [verified.count(a) for a in range(B)],
+                })
         (self.out / "tau.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
 

@@ -98,7 +98,7 @@ def batch_for_step(config: TrainConfig, num_samples: int, step: int) -> list[int
     return order[slot * config.sequences_per_step:(slot + 1) * config.sequences_per_step].tolist()
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -161,7 +161,7 @@ class Trainer:
         self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
 
     def save_checkpoint(self) -> None:
-        _atomic_save({"key": self._state_key(), "adapter": self.adapter.state_dict(),
+        atomic_save({"key": self._state_key(), "adapter": self.adapter.state_dict(),
                       "optimizer": self.optimizer.state_dict(), "step": self.step, "losses": self.losses,
                       "seconds": self.seconds},
                      self.out / "checkpoint.pt")
@@ -199,7 +199,7 @@ class Trainer:
             bar.update(len(group))
         bar.close()
         hidden = [h.to("cpu", copy=True) for h in hidden]  # host memory; a step moves its few to the device
-        _atomic_save({"key": key, "hidden": hidden}, path)
+        atomic_save({"key": key, "hidden": hidden}, path)
         return hidden
 
     def prepare(self) -> list[torch.Tensor]:
