@@ -197,18 +197,15 @@ class ReferenceEngine:
         a cached prefix whose K/V are not kept (training). `split_hidden`: the candidate rows' hidden states entering
         the split layer, computed earlier by `split_hidden_states` (training caches them), so layers below the split
         are skipped."""
-        if split_hidden is None:
-            x = self.split_hidden_states(layout, tokens, cache)
-        else:
-            x = split_hidden
-        if layout.has_blocks:
-            deep = x.new_empty(layout.num_rows, x.shape[1])
-            deep[layout.candidate_rows] = x
-            # mask rows are laid out block by block, rows 0..B-1 each
-            deep[layout.mask_rows] = self.adapter.mask_embedding.to(x.dtype).repeat(len(layout.block_request), 1)
-            x = deep
-        ctx = self._context(layout, x)
-        for i in range(self.split_layer if layout.has_blocks else self.spec.num_layers, self.spec.num_layers):
+        x = self.split_hidden_states(layout, tokens, cache) if split_hidden is None else split_hidden
+        if not layout.has_blocks:  # every layer has run
+            return x
+        deep = x.new_empty(layout.num_rows, x.shape[1])
+        deep[layout.candidate_rows] = x
+        # mask rows are laid out block by block, rows 0..B-1 each
+        deep[layout.mask_rows] = self.adapter.mask_embedding.to(x.dtype).repeat(len(layout.block_request), 1)
+        x, ctx = deep, self._context(layout, deep)
+        for i in range(self.split_layer, self.spec.num_layers):
             x = self._checkpointed_layer(i, x, ctx, cache) if self.checkpoint_layers else self._layer(i, x, ctx, cache)
         return x
 
