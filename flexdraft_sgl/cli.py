@@ -19,6 +19,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def _load_target(args):
+    """(model, tokenizer, path) of --model in --dtype, after applying --threads where the command has it."""
+    import torch
+
+    from .reference.hf import load_target
+
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    return load_target(args.model, args.dtype)
+
+
 def cmd_prepare_default(args) -> int:
     from .default_model import prepare_default_model
 
@@ -29,9 +40,8 @@ def cmd_prepare_default(args) -> int:
 
 def cmd_init_adapter(args) -> int:
     from .adapter import FlexDraftAdapter
-    from .reference.hf import load_target
 
-    model, tokenizer, path = load_target(args.model, args.dtype)
+    model, tokenizer, path = _load_target(args)
     adapter = FlexDraftAdapter.init_from_target(
         model, tuned_depth=args.tuned_depth, block_size=args.block_size, calibration_rank=args.rank,
         tokenizer=tokenizer, target_name=path, seed=args.seed,
@@ -59,9 +69,8 @@ def _build_engine(args):
     from .adapter import FlexDraftAdapter
     from .core.policy import ForwardCostTable
     from .reference import ReferenceEngine
-    from .reference.hf import load_target
 
-    model, tokenizer, path = load_target(args.model, args.dtype)
+    model, tokenizer, path = _load_target(args)
     adapter_path = _given_or_shipped_adapter(args)
     if adapter_path:
         adapter = FlexDraftAdapter.load(adapter_path, target_config=model.config, tokenizer=tokenizer,
@@ -79,13 +88,9 @@ def _build_engine(args):
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from .core.sampling import SamplingParams
     from .reference.hf import prompt_tokens, stop_tokens
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     engine, model, tokenizer = _build_engine(args)
     texts = args.prompt or [DEFAULT_PROMPT]
     prompts = [prompt_tokens(tokenizer, t, chat=not args.raw) for t in texts]
@@ -140,14 +145,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_measure_costs(args) -> int:
-    import torch
-
     from .reference import ReferenceEngine
-    from .reference.hf import load_target
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, _, path = load_target(args.model, args.dtype)
+    model, _, path = _load_target(args)
     rows = tuple(int(r) for r in args.rows.split(","))
     table = ReferenceEngine(model).measure_cost_table(rows, prefix_len=args.prefix_len, repeats=args.repeats)
     with open(args.out, "w") as f:
@@ -159,15 +159,10 @@ def cmd_measure_costs(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    import torch
-
     from .reference import ReferenceEngine
-    from .reference.hf import load_target
     from .train.data import DataConfig, load_samples, prepare_data, sharegpt_prompts
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer, path = load_target(args.model, args.dtype)
+    model, tokenizer, path = _load_target(args)
     prompts = sharegpt_prompts(args.sharegpt)
     config = DataConfig(num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
@@ -182,14 +177,11 @@ def cmd_prepare_data(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
-    from .reference.hf import load_target
     from .train.data import load_samples
     from .train.trainer import Trainer, TrainConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tokenizer, path = load_target(args.model, args.dtype)
+    model, tokenizer, path = _load_target(args)
     samples = load_samples(args.data)
     if args.max_samples:
         samples = samples[: args.max_samples]
@@ -222,15 +214,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval_tau(args) -> int:
-    import torch
-
     from .adapter import FlexDraftAdapter
     from .eval.tau import TauEval, markdown_table
-    from .reference.hf import load_target
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer, path = load_target(args.model, args.dtype)
+    model, tokenizer, path = _load_target(args)
     adapter_path = _given_or_shipped_adapter(args)
     if adapter_path is None:
         raise ValueError("--adapter is needed for a model other than the embedded default")
