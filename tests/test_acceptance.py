@@ -119,15 +119,48 @@ def test_cost_table_interpolates_and_round_trips():
         ForwardCostTable((1, 1), (1.0, 2.0))
 
 
-def test_policy_prefers_parallel_when_rows_are_free_and_sequential_when_they_cost():
-    confident = torch.full((1, 15), 0.8)
+def test_policy_goes_parallel_then_sequential_then_plain_as_the_batch_grows():
+    # Flat up to 64 rows (weight loading dominates), then linear (arithmetic dominates): a GPU's shape.
+    table = ForwardCostTable((1, 64, 1064), (1.0, 1.0, 11.0))
     kwargs = dict(block_size=16, tuned_depth=4, num_layers=32)
-    flat = ForwardCostTable((1, 100000), (1.0, 1.0))  # memory-bound: rows cost nothing extra
-    plan = plan_step(confident, flat, **kwargs)
-    assert plan.mode is Mode.PARALLEL and plan.verify_lens.tolist() == [15]
-    linear = ForwardCostTable((1, 2), (1.0, 2.0))  # compute-bound: time proportional to rows
-    big = torch.full((64, 15), 0.8)
-    plan = plan_step(big, linear, **kwargs)
-    assert plan.mode is Mode.SEQUENTIAL
-    assert set(plan.predicted) == {Mode.PARALLEL, Mode.SEQUENTIAL}
-    assert plain_tokens_per_second(64, linear) == pytest.approx(1.0)
+    decisions = {bs: plan_step(torch.full((bs, 15), 0.8), table, **kwargs) for bs in (1, 32, 256)}
+    assert decisions[1].mode is Mode.PARALLEL and decisions[1].verify_lens.tolist() == [15]
+    assert decisions[32].mode is Mode.SEQUENTIAL and 1 <= int(decisions[32].verify_lens.max()) < 15
+    assert decisions[256].mode is Mode.PLAIN
+    assert set(decisions[1].predicted) == {Mode.PLAIN, Mode.PARALLEL, Mode.SEQUENTIAL}
+    assert plain_tokens_per_second(1064, table) == pytest.approx(1064 / 11.0)
+
+
+def test_policy_falls_back_to_plain_decoding_when_drafts_do_not_pay():
+    kwargs = dict(block_size=8, tuned_depth=4, num_layers=30)
+    linear = ForwardCostTable((1, 2), (1.0, 2.0))
+    plan = plan_step(torch.full((32, 7), 0.05), linear, **kwargs)  # hopeless drafts, compute-bound
+    assert plan.mode is Mode.PLAIN and plan.verify_lens.tolist() == [0] * 32
+    assert plan.tokens_per_second == pytest.approx(plain_tokens_per_second(32, linear))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_policy_is_never_predicted_slower_than_plain_and_verifies_less_as_rows_cost_more(fused):
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(block_size=8, tuned_depth=2, num_layers=24, fused_parallel=fused)
+    for _ in range(200):
+        bs = int(torch.randint(1, 129, (1,), generator=gen))
+        knee = float(torch.randint(1, 512, (1,), generator=gen))
+        cost = ForwardCostTable((1, int(knee), int(knee) + 1000), (1.0, 1.0, 1.0 + 1000 / knee))  # flat, then linear
+        top = torch.rand(bs, 7, generator=gen) ** 0.3
+        plan = plan_step(top, cost, **kwargs)
+        assert plan.tokens_per_second >= plain_tokens_per_second(bs, cost) * (1 - 1e-9)
+        assert plan.tokens_per_second == max(plan.predicted.values())
+    # The same confident drafts: free rows verify all seven, costly rows fewer (or none).
+    top = torch.full((64, 7), 0.9)
+    free = plan_step(top, ForwardCostTable((1, 10**6), (1.0, 1.0)), **kwargs)
+    costly = plan_step(top, ForwardCostTable((1, 2), (1.0, 2.0)), **kwargs)
+    assert free.mode is Mode.PARALLEL and int(free.verify_lens.max()) == 7
+    assert int(costly.verify_lens.max()) < 7
+
+
+def test_policy_keeps_to_the_verify_tiers_it_is_given():
+    top = torch.full((4, 7), 0.9)
+    plan = plan_step(top, ForwardCostTable((1, 10**6), (1.0, 1.0)), block_size=8, tuned_depth=2, num_layers=24,
+                     verify_caps=(1, 3, 5))
+    assert plan.mode is Mode.PARALLEL and plan.verify_lens.tolist() == [5] * 4

@@ -11,6 +11,7 @@ import pytest
 from conftest import random_adapter, random_prompts, tiny_target
 
 from flexdraft_sgl.adapter import FlexDraftAdapter
+from flexdraft_sgl.core.policy import ForwardCostTable
 from flexdraft_sgl.reference import ReferenceEngine
 from flexdraft_sgl.sglang.launch import SGLangServer, default_server_args, flexdraft_args
 
@@ -82,6 +83,25 @@ def test_sglang_serve_command_runs_flexdraft(tiny):
         outputs = generate_all(server, prompts[:4], ignore_eos=True)
     assert [o["output_ids"] for o in outputs] == expected[:4]
     assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in outputs)
+
+
+def test_flex_mode_switches_with_the_batch_and_stays_lossless(tiny, tmp_path):
+    """FLEXDRAFT_MODE=flex with a cost table that is flat up to 6 rows and steep after: a request alone gets
+    speculative steps (parallel), a crowd gets plain ones; the output is plain SGLang's either way."""
+    _, model_dir, adapter_dir = tiny
+    prompts = random_prompts(24, 16, seed=4, max_len=12)
+    expected = plain_outputs(model_dir, tuple(map(tuple, prompts)))
+    table = tmp_path / "cost.json"
+    table.write_text(ForwardCostTable((1, 6, 106), (1.0, 1.0, 101.0)).to_json())
+    args = default_server_args(model_dir) + ["--skip-tokenizer-init"] + flexdraft_args(adapter_dir)
+    with SGLangServer(args, env={"FLEXDRAFT_MODE": "flex", "FLEXDRAFT_COST_TABLE": str(table)}) as server:
+        alone = generate_all(server, prompts[:1], ignore_eos=True)
+        crowd = generate_all(server, prompts[1:], ignore_eos=True)
+        log = server.log_path.read_text(errors="replace")
+    assert [o["output_ids"] for o in alone + crowd] == expected
+    switches = [line for line in log.splitlines() if "FLEXDRAFT flex:" in line]
+    assert any("parallel mode from a batch of 1 " in line for line in switches), switches
+    assert any("plain mode" in line for line in switches), switches
 
 
 QUESTIONS = [

@@ -1,4 +1,4 @@
-"""Attention visibility for a step layout: one rule, three encodings.
+"""Attention visibility for a step layout: one rule, five encodings.
 
 The rule (FLEXDRAFT.md, "Attention visibility"), for rows of the same request:
   - the cached prefix is visible to every row;
@@ -11,7 +11,10 @@ Encodings (all True = may attend):
                      to Wmax (the reference engine's and the trainer's form);
   full_mask          SGLang FULL_MASK: per request a W x (prefix + W) row-major block, concatenated over requests;
   flashinfer_mask    the same bits packed little-endian per request, with the byte indptr FlashInfer's custom-mask
-                     prefill takes (what `flashinfer.segment_packbits(..., bitorder="little")` produces).
+                     prefill takes (what `flashinfer.segment_packbits(..., bitorder="little")` produces);
+  ragged_mask        per request only the W x W block among this step's rows, row-major, concatenated (the prefix is
+                     visible to every row, so it stays out of the mask and is attended unmasked from the paged cache);
+  ragged_packed_mask the same bits packed little-endian per request: `packed_custom_mask` of a ragged prefill.
 """
 
 from __future__ import annotations
@@ -107,3 +110,28 @@ def unpack_flashinfer_mask(packed: Tensor, byte_indptr: Tensor, element_indptr: 
         n = int(element_indptr[i + 1] - element_indptr[i])
         parts.append(bits[int(byte_indptr[i]) * 8 : int(byte_indptr[i]) * 8 + n])
     return torch.cat(parts) if parts else bits[:0]
+
+
+def ragged_mask(layout: StepLayout) -> tuple[Tensor, Tensor]:
+    """(flat bool, element indptr [bs+1]): each request's W x W `step_visibility` block, row-major, concatenated."""
+    _, valid = padded_rows(layout)
+    flat = step_visibility(layout)[valid[:, :, None] & valid[:, None, :]]
+    w = layout.rows_per_request
+    indptr = torch.zeros(layout.batch_size + 1, dtype=torch.long, device=w.device)
+    indptr[1:] = torch.cumsum(w * w, 0)
+    return flat, indptr
+
+
+def ragged_packed_mask(layout: StepLayout) -> tuple[Tensor, Tensor]:
+    """(packed uint8 mask, int32 byte indptr [bs+1]): each request's `ragged_mask` block packed on its own."""
+    return packbits_segments(*ragged_mask(layout))
+
+
+def packbits_segments(bits: Tensor, indptr: Tensor) -> tuple[Tensor, Tensor]:
+    """(packed uint8, int32 byte indptr): each segment bits[indptr[i]:indptr[i+1]] packed little-endian on its own,
+    as `flashinfer.segment_packbits(bits, indptr, bitorder="little")`."""
+    segments = [packbits_little(bits[int(indptr[i]) : int(indptr[i + 1])]) for i in range(len(indptr) - 1)]
+    byte_indptr = torch.zeros(len(indptr), dtype=torch.int32, device=bits.device)
+    byte_indptr[1:] = torch.cumsum(torch.tensor([len(s) for s in segments], device=bits.device), 0)
+    packed = torch.cat(segments) if segments else bits.new_zeros(0, dtype=torch.uint8)
+    return packed, byte_indptr

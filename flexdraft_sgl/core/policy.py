@@ -1,13 +1,18 @@
-"""The flex decision: parallel or sequential mode, and how many drafts to verify, for the next step of a batch.
+"""The flex decision: plain, parallel or sequential, and how many drafts to verify, for the next step of a batch.
 
-Both modes start from the same state (each request holds a bonus token and calibrated drafts) and return to it:
-  parallel     one forward: [c0, d1..dv] at full depth + (v+1) mask blocks of B rows in the final N layers;
-               emits accepted+1 tokens.
-  sequential   a verify forward [c0, d1..dv] at full depth, then a draft forward (the new bonus at full depth + one
-               mask block); emits accepted+1 tokens, plus the one exact token the draft forward predicts.
-A forward's time comes from a cost table measured on the machine, as a function of rows processed at full depth;
-a deep-only row counts as tuned_depth/num_layers of one. The expected accepted length comes from draft confidence
-(`confidence.expected_tokens`). The plan with the higher predicted tokens per second wins.
+Every mode starts from the same state (each request holds a bonus token and calibrated drafts) and returns to it:
+  plain        one forward of the bonus at full depth; emits 1 token; keeps the drafts it has (no drafting).
+  parallel     the verify forward [c0, d1..dv] at full depth, plus the mask block after the last accepted token in
+               the final N layers; emits accepted+1 tokens.
+  sequential   the verify forward, then a draft forward (the new bonus at full depth + one mask block); emits
+               accepted+1 tokens, plus the one exact token the draft forward predicts.
+Engines run parallel mode in one of two shapes (`fused_parallel`): the reference engine puts all v+1 hypothesis
+blocks into the verify forward (one weight pass); the SGLang worker runs the verify forward, then the kept block alone
+through the final N layers (a second, partial weight pass). A forward's time comes from a cost table measured on the
+machine, against full-depth rows; a deep-only row inside a full-depth forward counts as tuned_depth/num_layers of
+one, and a forward through the final N layers alone costs that fraction of a full forward of its rows. The expected
+accepted length comes from draft confidence (`confidence.expected_tokens`). The plan with the highest predicted
+tokens per second wins; plain decoding is always a candidate, so the plan is never predicted slower than it.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from .confidence import expected_tokens, verify_lengths
 
 
 class Mode(str, Enum):
+    PLAIN = "plain"
     PARALLEL = "parallel"
     SEQUENTIAL = "sequential"
 
@@ -65,9 +72,24 @@ class ForwardCostTable:
 @dataclass(frozen=True)
 class StepPlan:
     mode: Mode
-    verify_lens: Tensor  # [bs]
-    tokens_per_second: float  # predicted for the chosen mode
-    predicted: dict  # mode -> predicted tokens per second, for every mode considered
+    verify_lens: Tensor  # [bs]; zeros for a plain step
+    tokens_per_second: float  # predicted for the chosen plan
+    predicted: dict  # mode -> the best predicted tokens per second of that mode
+
+
+def step_seconds(mode: Mode, cost: ForwardCostTable, *, batch_size: int, full_rows: float, block_size: int,
+                 deep_weight: float, fused_parallel: bool) -> float:
+    """Predicted time of one step. full_rows: the verify forward's rows, sum over requests of (v + 1)."""
+    bs, kept_block = batch_size, batch_size * block_size
+    if mode is Mode.PLAIN:
+        return cost.seconds_for(bs)
+    if mode is Mode.PARALLEL:
+        if fused_parallel:  # every hypothesis block rides in the verify forward
+            return cost.seconds_for(full_rows * (1 + block_size * deep_weight))
+        return cost.seconds_for(full_rows) + deep_weight * cost.seconds_for(kept_block)
+    if fused_parallel:  # draft forward: the bonus and its block together
+        return cost.seconds_for(full_rows) + cost.seconds_for(bs + kept_block * deep_weight)
+    return cost.seconds_for(full_rows) + cost.seconds_for(bs) + deep_weight * cost.seconds_for(kept_block)
 
 
 def plan_step(
@@ -79,22 +101,29 @@ def plan_step(
     num_layers: int,
     rule: str = "cumulative_product",
     threshold: float = 0.01,
-    modes: tuple[Mode, ...] = (Mode.PARALLEL, Mode.SEQUENTIAL),
+    modes: tuple[Mode, ...] = (Mode.PLAIN, Mode.PARALLEL, Mode.SEQUENTIAL),
+    fused_parallel: bool = True,
+    verify_caps: tuple[int, ...] | None = None,
 ) -> StepPlan:
-    """Choose the mode and per-request verify lengths. draft_top_probs: [bs, B-1] top probability of each draft."""
+    """Choose the mode and per-request verify lengths. draft_top_probs: [bs, B-1] top probability of each draft.
+    Verify lengths are the confidence rule's, cut at each cap in `verify_caps` (default 1..B-1: the verify-length
+    tiers an engine can run); the best (mode, cap) pair wins."""
     bs = draft_top_probs.shape[0]
-    verify = verify_lengths(draft_top_probs, rule, threshold, max_len=block_size - 1)
-    tokens = float(expected_tokens(draft_top_probs, verify).sum())
-    full_rows = float((verify + 1).sum())
+    rule_lens = verify_lengths(draft_top_probs, rule, threshold, max_len=block_size - 1)
+    caps = verify_caps or tuple(range(1, block_size))
     deep_weight = tuned_depth / num_layers
-    seconds = {
-        Mode.PARALLEL: cost.seconds_for(full_rows * (1 + block_size * deep_weight)),
-        Mode.SEQUENTIAL: cost.seconds_for(full_rows) + cost.seconds_for(bs * (1 + block_size * deep_weight)),
-    }
-    emitted = {Mode.PARALLEL: tokens, Mode.SEQUENTIAL: tokens + bs}
-    predicted = {m: emitted[m] / seconds[m] for m in modes}
-    best = max(modes, key=lambda m: predicted[m])
-    return StepPlan(best, verify, predicted[best], predicted)
+    best: dict[Mode, tuple[float, Tensor]] = {}
+    for mode in modes:
+        for cap in (0,) if mode is Mode.PLAIN else caps:
+            verify = rule_lens.clamp(max=cap)
+            tokens = float(bs if mode is Mode.PLAIN else expected_tokens(draft_top_probs, verify).sum())
+            tokens += bs if mode is Mode.SEQUENTIAL else 0
+            seconds = step_seconds(mode, cost, batch_size=bs, full_rows=float((verify + 1).sum()),
+                                   block_size=block_size, deep_weight=deep_weight, fused_parallel=fused_parallel)
+            if mode not in best or tokens / seconds > best[mode][0]:
+                best[mode] = (tokens / seconds, torch.zeros_like(verify) if mode is Mode.PLAIN else verify)
+    chosen = max(best, key=lambda m: best[m][0])
+    return StepPlan(chosen, best[chosen][1], best[chosen][0], {m: rate for m, (rate, _) in best.items()})
 
 
 def plain_tokens_per_second(batch_size: int, cost: ForwardCostTable) -> float:

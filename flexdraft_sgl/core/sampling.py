@@ -71,15 +71,37 @@ def draw(logits: Tensor, params: SamplingParams, generator: torch.Generator | No
     return sample(filtered_probs(logits, params), generator)
 
 
-def draw_drafts(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+@dataclass
+class CalibratedDrafts:
+    """What a draft step reads from its calibrated draft logits (produced in one pass by
+    `flexdraft_sgl.kernels.calibration.calibrate`)."""
+
+    logits: Tensor  # [..., V] float32 calibrated draft logits
+    tokens: Tensor  # [...] int64 argmax of logits (lowest index on ties, like torch.argmax)
+    top: Tensor  # [...] float32 max of softmax(logits) at temperature 1: the verify-length rule's confidence
+    probs: Tensor | None  # [..., V] float32 softmax(logits / temperature) if temperatures were given, else None
+
+
+def draw_drafts(drafts: CalibratedDrafts, params: SamplingParams, generator: torch.Generator | None,
                 all_greedy: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Drafts from calibrated draft logits [bs, D, V]: (tokens, the filtered distribution they were drawn from, or
-    None when all greedy, top probability of each row for the verify-length rule)."""
-    top = torch.softmax(logits.float(), -1).amax(-1)
+    """Draft tokens [bs, D] from calibrated drafts: (tokens, the filtered distribution they were drawn from, or None
+    when all greedy, top probability of each row for the verify-length rule). The precomputed softmax serves when
+    no request filters (top-k, top-p, greedy rows); otherwise the filters run on the logits, as for the target."""
     if all_greedy:
-        return logits.argmax(-1), None, top
-    probs = filtered_probs(logits, params)
-    return sample(probs, generator), probs, top
+        return drafts.tokens, None, drafts.top
+    vocab = drafts.logits.shape[-1]
+    unfiltered = bool(((params.temperature > 0) & ((params.top_k <= 0) | (params.top_k >= vocab))
+                       & (params.top_p >= 1)).all())
+    probs = drafts.probs if drafts.probs is not None and unfiltered else filtered_probs(drafts.logits, params)
+    return sample(probs, generator), probs, drafts.top
+
+
+def draft_temperatures(params: SamplingParams, all_greedy: bool) -> Tensor | None:
+    """Per-request temperatures for `calibrate` (None when all greedy: no distribution is needed); greedy rows get
+    1, their distribution comes from the filters."""
+    if all_greedy:
+        return None
+    return torch.where(params.temperature > 0, params.temperature, 1.0).float()[:, None]
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -25,7 +25,9 @@ from ..core.confidence import verify_lengths
 from ..core.layout import StepLayout, decode_layout, draft_layout, parallel_layout, prefill_layout, verify_layout
 from ..core.masks import dense_mask, padded_rows
 from ..core.policy import ForwardCostTable, Mode, default_cost_table, plan_step
-from ..core.sampling import SamplingParams, draw, draw_drafts, filtered_probs
+from ..core.sampling import (CalibratedDrafts, SamplingParams, draft_temperatures, draw, draw_drafts,
+                             filtered_probs)
+from ..kernels.calibration import calibrate
 
 MODES = ("parallel", "sequential", "flex", "plain")
 
@@ -251,6 +253,13 @@ class ReferenceEngine:
         resolved at the block's row 0."""
         return self.target_logits(hidden) + self.calibration_correction(hidden, bonus)
 
+    def calibrated_drafts(self, hidden: Tensor, bonus: Tensor, temperatures: Tensor | None) -> CalibratedDrafts:
+        """What decoding reads from the draft logits of `draft_logits` (argmax, confidence, distribution), in one
+        pass through the calibration kernel on a GPU."""
+        h = self.norm(hidden)
+        return calibrate(self.adapter.calibration, self.embed(bonus)[:, None].expand_as(h), h, self.lm_head(h),
+                         temperatures)
+
     def calibration_correction(self, hidden: Tensor, bonus: Tensor) -> Tensor:
         """What bonus-guided calibration adds to the LM head's draft logits."""
         h = self.norm(hidden)
@@ -362,8 +371,9 @@ class _Run:
         """Keep the block anchored after `anchors` (per request), calibrate its rows 1..B-1 with the resolved bonus,
         and draw the next drafts from it."""
         rows = layout.block_rows(layout.block_after(anchors))[:, 1:]
-        logits = self.e.draft_logits(hidden[rows], bonus)
-        self.drafts, self.draft_q, self.draft_top = draw_drafts(logits, self.params, self.gen, self.params.all_greedy)
+        greedy = self.params.all_greedy
+        calibrated = self.e.calibrated_drafts(hidden[rows], bonus, draft_temperatures(self.params, greedy))
+        self.drafts, self.draft_q, self.draft_top = draw_drafts(calibrated, self.params, self.gen, greedy)
 
     def _verify_lens(self) -> Tensor:
         if self.verify_len is not None:
@@ -458,6 +468,9 @@ class _Run:
                     self.draft_top, self.e.cost_table, block_size=self.B, tuned_depth=cfg.tuned_depth,
                     num_layers=self.e.spec.num_layers, rule=cfg.verify_rule, threshold=cfg.verify_threshold,
                 )
+                if plan.mode is Mode.PLAIN:  # drafting does not pay at this batch: keep the drafts, decode plainly
+                    self.plain_step()
+                    continue
                 mode = plan.mode.value
                 if self.verify_len is None:
                     verify = plan.verify_lens

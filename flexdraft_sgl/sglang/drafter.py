@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapter import FlexDraftAdapter
+from ..core.sampling import CalibratedDrafts
+from ..kernels.calibration import calibrate
+from ..kernels.mask_attention import FlashInferMaskAttention, attend, flashinfer_available
 
 
 def _tp_size() -> int:
@@ -98,35 +101,37 @@ class MaskBlockDrafter(nn.Module):
         )
         self.mask_embedding = adapter.mask_embedding.detach().to(self.device, self.dtype)
         self.calibration = adapter.calibration.to(self.device, self.dtype)
+        self._flashinfer: FlashInferMaskAttention | None = None  # created at the first GPU step
 
-    def _attend(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_valid: Tensor,
-                attn: nn.Module) -> Tensor:
-        """q/k/v [bs, B, heads*hd] of the block rows; kv_index [bs, Lmax] pool slots of the committed tokens."""
-        bs, B = q.shape[:2]
-        hd = attn.head_dim
-        cache_k = self.kv_pool.get_key_buffer(layer_id)[kv_index].to(q.dtype)  # [bs, Lmax, kvh, hd]
-        cache_v = self.kv_pool.get_value_buffer(layer_id)[kv_index].to(q.dtype)
-        keys = torch.cat([cache_k, k.view(bs, B, -1, hd)], 1).transpose(1, 2)
-        values = torch.cat([cache_v, v.view(bs, B, -1, hd)], 1).transpose(1, 2)
-        visible = torch.cat([kv_valid, kv_valid.new_ones(bs, B)], 1)[:, None, None, :]
-        queries = q.view(bs, B, -1, hd).transpose(1, 2)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=attn.scaling,
-                                             enable_gqa=queries.shape[1] != keys.shape[1])
-        return out.transpose(1, 2).reshape(bs, B, -1)
+    def _plan_attention(self, qo_indptr: Tensor, kv_indptr: Tensor, kv_indices: Tensor):
+        """FlashInfer's plan for this step's blocks on a GPU (None on CPU: `attend` runs PyTorch there)."""
+        if not (self.device.type == "cuda" and flashinfer_available()):
+            return None
+        if self._flashinfer is None:
+            self._flashinfer = FlashInferMaskAttention(self.device)
+        attn = self.deep_layers[0].self_attn
+        pool_dtype = self.kv_pool.get_key_buffer(attn.attn.layer_id).dtype
+        self._flashinfer.plan(qo_indptr, kv_indptr, kv_indices, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                              None, attn.scaling, q_dtype=self.dtype, kv_dtype=pool_dtype)
+        return self._flashinfer
 
     @torch.no_grad()
-    def draft_logits(self, req_pool_indices: Tensor, committed_lens: Tensor, bonus: Tensor) -> Tensor:
-        """[bs, B-1, V] calibrated draft logits for the block anchored after each request's last committed token;
-        row 0 sits at the bonus's slot (position committed_len) and is calibrated away, rows 1..B-1 draft the
-        tokens after the bonus."""
+    def calibrated_drafts(self, req_pool_indices: Tensor, committed_lens: Tensor, bonus: Tensor,
+                          temperatures: Tensor | None) -> CalibratedDrafts:
+        """The calibrated drafts [bs, B-1] of the block anchored after each request's last committed token; row 0
+        sits at the bonus's slot (position committed_len) and is calibrated away, rows 1..B-1 draft the tokens after
+        the bonus. `temperatures` [bs, 1] (None when all greedy) adds the sampling distribution."""
         bs, B = len(committed_lens), self.block_size
         lens = committed_lens.to(torch.long)
         positions = (lens[:, None] + torch.arange(B, device=lens.device)).reshape(-1)
-        lmax = int(lens.max())
-        slots = torch.arange(lmax, device=lens.device)
-        kv_valid = slots[None, :] < lens[:, None]
-        kv_index = self.req_to_token[req_pool_indices.long()[:, None], slots[None, :]].long()
-        kv_index = torch.where(kv_valid, kv_index, 0)
+        # The block's attention: all committed K/V of its request (paged prefix, no mask) plus its own B rows
+        # (bidirectional), through FlashInfer on a GPU (planned once, shared by the N layers), PyTorch otherwise.
+        qo_indptr = torch.arange(bs + 1, device=lens.device) * B
+        kv_indptr = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
+        slots = torch.arange(int(lens.max()), device=lens.device)
+        committed = self.req_to_token[req_pool_indices.long()[:, None], slots[None, :]]
+        kv_indices = committed[slots[None, :] < lens[:, None]].long()
+        planned = self._plan_attention(qo_indptr, kv_indptr, kv_indices)
 
         x = self.mask_embedding.repeat(bs, 1)  # [bs * B, H]: row j of every block gets embedding j
         for layer, tuned in zip(self.deep_layers, self.projectors):
@@ -134,8 +139,10 @@ class MaskBlockDrafter(nn.Module):
             h = layer.input_layernorm(x)
             q, k, v = tuned.qkv(h)
             q, k = attn.rotary_emb(positions, q, k)
-            out = self._attend(attn.attn.layer_id, q.view(bs, B, -1), k.view(bs, B, -1), v.view(bs, B, -1),
-                               kv_index, kv_valid, attn)
+            hd, layer_id = attn.head_dim, attn.attn.layer_id
+            out = attend(q.view(bs * B, -1, hd), k.view(bs * B, -1, hd), v.view(bs * B, -1, hd), qo_indptr,
+                         self.kv_pool.get_key_buffer(layer_id), self.kv_pool.get_value_buffer(layer_id), kv_indptr,
+                         kv_indices, None, attn.scaling, planned)
             o, _ = tuned.o_proj(out.reshape(bs * B, -1))
             x = x + o
             x = x + _tp_all_reduce(layer.mlp(layer.post_attention_layernorm(x)))
@@ -147,5 +154,4 @@ class MaskBlockDrafter(nn.Module):
 
             logits = tensor_model_parallel_all_gather(logits.contiguous(), dim=-1)
         bonus_embedding = self.model.model.embed_tokens(bonus)[:, None].expand_as(hidden)
-        vocab = self.calibration.down.out_features
-        return logits[..., :vocab] + self.calibration(bonus_embedding, hidden)
+        return calibrate(self.calibration, bonus_embedding, hidden, logits, temperatures)

@@ -10,12 +10,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from ..patches import adapter_preflight, unsupported_requests
+    from ..patches import adapter_preflight, unsupported_requests, verify_graph_input
     from . import cpu
     from .spec import register_algorithm
 
     cpu.install()  # no-op on a machine with a GPU or a real sgl_kernel
     adapter_preflight.register_hooks()
     unsupported_requests.register_hooks()
+    verify_graph_input.register_hooks()
     register_algorithm()
     _registered = True

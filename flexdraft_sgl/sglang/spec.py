@@ -5,7 +5,10 @@ Settings come from the adapter (`--speculative-draft-model-path`): block size B,
 rule. SGLang plugins cannot add CLI flags, so the rest is overridable through the environment (inherited by every
 SGLang process):
 
-    FLEXDRAFT_MODE                parallel (default) | sequential
+    FLEXDRAFT_MODE                parallel (default) | sequential | flex (per step: plain, parallel or sequential, and
+                                  the verify length, chosen by core.policy from the cost table and draft confidence)
+    FLEXDRAFT_COST_TABLE          flex mode's forward-cost table, a JSON file (`flexdraft measure-costs`, or the GPU
+                                  check script's cost_table.json); default: a memory-bound stand-in
     FLEXDRAFT_VERIFY_LEN          verify exactly this many drafts per step (default: the adapter's confidence rule)
     FLEXDRAFT_VERIFY_RULE         cumulative_product | min_confidence (default: the adapter's)
     FLEXDRAFT_VERIFY_THRESHOLD    the rule's threshold (default: the adapter's)
@@ -26,7 +29,7 @@ from ..core.confidence import RULES
 logger = logging.getLogger(__name__)
 
 ALGORITHM = "FLEXDRAFT"
-MODES = ("parallel", "sequential")
+MODES = ("parallel", "sequential", "flex")
 # Backends whose verify path honours a custom mask. fa3 and trtllm_mha run a plain causal chain for topk 1, and
 # the rest have no verify path at all; torch_native gets one from flexdraft_sgl.patches on machines without a GPU.
 MASK_BACKENDS_GPU = ("flashinfer", "triton")
@@ -42,6 +45,7 @@ class FlexDraftSettings:
     verify_len: int | None
     verify_rule: str
     verify_threshold: float
+    cost_table: str | None = None
 
     @classmethod
     def resolve(cls, adapter_path: str | None, num_draft_tokens: int | None) -> FlexDraftSettings:
@@ -75,8 +79,16 @@ class FlexDraftSettings:
             threshold = float(os.environ.get("FLEXDRAFT_VERIFY_THRESHOLD", adapter.verify_threshold))
         except ValueError:
             raise ValueError("FLEXDRAFT_VERIFY_THRESHOLD must be a number") from None
+        cost_table = os.environ.get("FLEXDRAFT_COST_TABLE") or None
+        if cost_table is not None:
+            from ..core.policy import ForwardCostTable
+
+            try:
+                ForwardCostTable.load(cost_table)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"FLEXDRAFT_COST_TABLE={cost_table}: not a readable cost table ({e})") from None
         return cls(str(adapter_path), adapter, mode, width - 1, int(verify_len) if verify_len else None, rule,
-                   threshold)
+                   threshold, cost_table)
 
 
 def check_server_args(server_args) -> FlexDraftSettings:

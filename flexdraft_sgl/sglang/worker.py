@@ -11,6 +11,10 @@ Per request the worker carries a bonus token (decided, not yet in the KV cache) 
                gives the next drafts. Emits a+1 tokens.
   sequential   the same verify, then a one-row forward of the new bonus gives the next exact token t, and the block
                after the bonus, calibrated with t, gives the drafts. Emits a+2 tokens.
+  plain        (flex mode only) a one-row forward of the bonus; emits 1 token and keeps the drafts it has.
+Flex mode (FLEXDRAFT_MODE=flex) picks one of the three and the verify length per batch with `core.policy.plan_step`
+from the forward-cost table and the drafts' confidence. On a GPU every target forward runs from the CUDA graph set of
+its width (`graphs.py`); verify lengths are rounded up to the sets' tiers.
 
 Mask blocks run only through the final N layers (`drafter.MaskBlockDrafter`), never through the lower layers, and
 never write the KV cache. Candidate K/V are written to the request's uncommitted window by the verify forward; the
@@ -35,8 +39,10 @@ from ..core.acceptance import greedy_verify, speculative_verify
 from ..core.confidence import verify_lengths
 from ..core.layout import verify_layout
 from ..core.masks import full_mask
-from ..core.sampling import SamplingParams, draw, draw_drafts, filtered_probs
+from ..core.policy import ForwardCostTable, Mode, default_cost_table, plan_step
+from ..core.sampling import SamplingParams, draft_temperatures, draw, draw_drafts, filtered_probs
 from .drafter import MaskBlockDrafter
+from .graphs import GraphSets, tier_for, verify_tiers, widths_for_mode
 from .spec import FlexDraftSettings
 from .state import FlexDraftState, FlexDraftVerifyInput, one_hot
 
@@ -58,6 +64,12 @@ class FlexDraftWorker(BaseSpecWorker):
         self.block_size = self.adapter.config.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(server_args.random_seed or 0)
         self.drafter: MaskBlockDrafter | None = None  # needs the KV pool: built in alloc_memory_pool
+        self.cost_table = (ForwardCostTable.load(self.settings.cost_table) if self.settings.cost_table
+                           else default_cost_table())
+        self.graphs: GraphSets | None = None  # built in init_cuda_graphs on a GPU
+        # Verify lengths a step may run: every one eagerly; the graph sets' tiers once graphs exist.
+        self.verify_caps = tuple(range(1, self.settings.max_verify_len + 1))
+        self._flex_mode: Mode | None = None
 
     @property
     def draft_worker(self):
@@ -68,6 +80,18 @@ class FlexDraftWorker(BaseSpecWorker):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self.target_worker.get_memory_pool()
         self.drafter = MaskBlockDrafter(self.model_runner.model, self.adapter, self.model_runner.token_to_kv_pool,
                                         self.req_to_token_pool.req_to_token)
+
+    def init_cuda_graphs(self):
+        """After SGLang captured its verify graphs at the widest width: the other widths this mode runs."""
+        super().init_cuda_graphs()
+        if not str(self.device).startswith("cuda"):
+            return
+        fixed = self.settings.verify_len
+        tiers = (fixed,) if fixed is not None else verify_tiers(self.settings.max_verify_len)
+        self.graphs = GraphSets(self.model_runner)
+        self.graphs.register_startup(self.settings.max_verify_len + 1)
+        self.graphs.build(widths_for_mode(self.settings.mode, tiers))
+        self.verify_caps = tiers
 
     # ---- entry point -------------------------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
@@ -92,7 +116,7 @@ class FlexDraftWorker(BaseSpecWorker):
     def _decode(self, batch) -> GenerationBatchResult:
         state: FlexDraftState = batch.spec_info
         params = _sampling_params(batch.sampling_info)
-        v = self._verify_len(state)
+        mode, v = self._plan(state)
         committed = batch.seq_lens
         drafts = state.drafts[:, :v]
         tokens = torch.cat([state.bonus[:, None], drafts], 1)
@@ -106,9 +130,8 @@ class FlexDraftWorker(BaseSpecWorker):
         out[rows, accepted] = bonus
         lens = committed + accepted.to(committed.dtype) + 1  # c0..ca are now committed
         logits_per_token = [logits]  # the logits each emitted token was drawn from, for logprobs
-        if self.settings.mode == "parallel":
-            emitted, resolved = accepted + 1, bonus
-        else:  # sequential: push the bonus through the target for one exact token
+        emitted, resolved = accepted + 1, bonus
+        if mode is Mode.SEQUENTIAL:  # push the bonus through the target for one exact token
             bonus_logits, _ = self._forward_rows(batch, lens, bonus[:, None])
             resolved = draw(bonus_logits[:, 0], params, self.generator, batch.sampling_info.is_all_greedy)
             out[rows, accepted + 1] = resolved
@@ -117,7 +140,10 @@ class FlexDraftWorker(BaseSpecWorker):
             emitted = accepted + 2
         if batch.return_logprob:
             _attach_logprobs(batch, verify_result.logits_output, logits_per_token, accepted, out)
-        next_state = self._draft(batch.req_pool_indices, lens, resolved, batch.sampling_info)
+        if mode is Mode.PLAIN:  # no drafting: the drafts wait for a step that verifies them (still lossless)
+            next_state = FlexDraftState(bonus, state.drafts, state.draft_top, state.draft_probs)
+        else:
+            next_state = self._draft(batch.req_pool_indices, lens, resolved, batch.sampling_info)
         return GenerationBatchResult(
             logits_output=verify_result.logits_output,
             next_token_ids=out.reshape(-1),
@@ -126,24 +152,39 @@ class FlexDraftWorker(BaseSpecWorker):
             next_draft_input=next_state,
             speculative_num_draft_tokens=self.settings.max_verify_len + 1,
             speculative_output_stride=stride,
-            num_non_draft_tokens_per_req=1 if self.settings.mode == "parallel" else 2,
+            num_non_draft_tokens_per_req=2 if mode is Mode.SEQUENTIAL else 1,
             can_run_cuda_graph=verify_result.can_run_cuda_graph,
         )
 
     # ---- pieces ------------------------------------------------------------------------------------------------
-    def _verify_len(self, state: FlexDraftState) -> int:
-        """One verify length for the whole batch (SGLang's verify forward is uniform per request): the fixed one,
-        or the longest the confidence rule grants any request."""
-        if self.settings.verify_len is not None:
-            return self.settings.verify_len
-        lens = verify_lengths(state.draft_top, self.settings.verify_rule, self.settings.verify_threshold,
-                              max_len=self.settings.max_verify_len)
-        return int(lens.max())
+    def _plan(self, state: FlexDraftState) -> tuple[Mode, int]:
+        """This step's mode and its one verify length (SGLang's verify forward is uniform per request): the fixed
+        mode with the fixed length or the longest the confidence rule grants any request; or flex's plan."""
+        if self.settings.mode != "flex":
+            if self.settings.verify_len is not None:
+                v = self.settings.verify_len
+            else:
+                v = int(verify_lengths(state.draft_top, self.settings.verify_rule, self.settings.verify_threshold,
+                                       max_len=self.settings.max_verify_len).max())
+            return Mode(self.settings.mode), tier_for(v, self.verify_caps)
+        cfg = self.adapter.config
+        caps = (self.settings.verify_len,) if self.settings.verify_len is not None else self.verify_caps
+        plan = plan_step(state.draft_top[:, : self.settings.max_verify_len].float(), self.cost_table,
+                         block_size=self.block_size, tuned_depth=cfg.tuned_depth, num_layers=cfg.target.num_layers,
+                         rule=self.settings.verify_rule, threshold=self.settings.verify_threshold,
+                         fused_parallel=False, verify_caps=caps)
+        if plan.mode is not self._flex_mode:  # logged on change only: one line per switch
+            self._flex_mode = plan.mode
+            logger.info("FLEXDRAFT flex: %s mode from a batch of %d (predicted %s tokens/s)", plan.mode.value,
+                        len(state.bonus), ", ".join(f"{m.value} {r:.3g}" for m, r in plan.predicted.items()))
+        return plan.mode, int(plan.verify_lens.max())
 
     def _forward_rows(self, batch, prefix_lens: Tensor, tokens: Tensor):
         """A TARGET_VERIFY forward of `tokens` [bs, W] at positions prefix_lens.. under a causal mask; their K/V go
         to the request's window after prefix_lens. Returns logits [bs, W, V] and the target worker's result."""
         bs, width = tokens.shape
+        if self.graphs is not None:
+            self.graphs.activate(width)
         prefix = prefix_lens.to(torch.long)
         positions = prefix[:, None] + torch.arange(width, device=prefix.device)
         req_to_token = self.req_to_token_pool.req_to_token
@@ -181,9 +222,10 @@ class FlexDraftWorker(BaseSpecWorker):
                                   self.generator)
 
     def _draft(self, req_pool_indices, committed_lens, bonus, sampling_info) -> FlexDraftState:
-        logits = self.drafter.draft_logits(req_pool_indices, committed_lens, bonus)
-        drafts, probs, top = draw_drafts(logits, _sampling_params(sampling_info), self.generator,
-                                         sampling_info.is_all_greedy)
+        params, greedy = _sampling_params(sampling_info), sampling_info.is_all_greedy
+        calibrated = self.drafter.calibrated_drafts(req_pool_indices, committed_lens, bonus,
+                                                    draft_temperatures(params, greedy))
+        drafts, probs, top = draw_drafts(calibrated, params, self.generator, greedy)
         return FlexDraftState(bonus, drafts, top, probs)
 
 
