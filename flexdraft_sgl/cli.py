@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -250,6 +251,58 @@ def cmd_eval_tau(args) -> int:
         else 1
 
 
+def cmd_eval(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .default_model import prepare_default_model
+    from .eval.report import markdown_report, targets, write_plots
+    from .eval.serving import EvalPlan, dataset_prompts, load_points, run_eval, serve_configs
+    from .reference.hf import prompt_tokens
+
+    model = str(prepare_default_model()) if args.model == "default" else args.model
+    adapter = _given_or_shipped_adapter(args)
+    available = serve_configs(adapter or "", cost_table=args.cost_table, eagle3_draft=args.eagle3_draft,
+                              dflash_draft=args.dflash_draft)
+    names = args.configs.split(",") if args.configs else [n for n in available if adapter or "flexdraft" not in n]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown or unavailable configuration(s) {', '.join(unknown)}; this run offers "
+                         f"{', '.join(available)} (eagle3/dflash need --eagle3-draft/--dflash-draft)")
+    if any("flexdraft" in n for n in names) and not adapter:
+        raise ValueError("FLEXDRAFT configurations need --adapter for a model other than the embedded default")
+    if "plain" not in names:
+        names.insert(0, "plain")  # every ratio is against plain decoding in the same run
+    names.sort(key=lambda n: n != "plain")
+    plan = EvalPlan(model, tuple(available[n] for n in names), tuple(args.datasets.split(",")),
+                    tuple(float(t) for t in args.temperatures.split(",")),
+                    tuple(int(c) for c in args.concurrency.split(",")), args.num_prompts, args.max_new_tokens,
+                    server_args=tuple(shlex.split(args.server_args)), max_total_tokens=args.max_total_tokens)
+    out = Path(args.out)
+    if not args.report_only:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        most = max(plan.prompts_for(c) for c in plan.concurrency)
+        prompts = {d: [prompt_tokens(tokenizer, text) for text in dataset_prompts(d, most)] for d in plan.datasets}
+        short = [d for d, ps in prompts.items() if len(ps) < most]
+        if short:
+            raise ValueError(f"{', '.join(short)} has fewer than the {most} prompts the largest point needs")
+        run_eval(plan, out, prompts)
+    points = load_points(out)
+    header = (f"`flexdraft eval` of `{Path(model).name}` (adapter `{Path(adapter).name if adapter else '-'}`): "
+              f"{', '.join(names)}; at most {plan.max_new_tokens} new tokens; prompts per point: "
+              f"{'max(%d, concurrency)' % plan.num_prompts if plan.num_prompts else '2 x concurrency'}; "
+              "all configurations measured one after another on this machine in one run.")
+    summary = [targets(points, n) for n in names if n.startswith("flexdraft")]
+    lines = [markdown_report(points, header), "## Targets", "",
+             "| config | speed-up at concurrency 1 (target >= 1.8) | lowest speed-up (target >= 0.95) | "
+             "lowest ratio to NGRAM (target >= 1.5) |", "|---|---|---|---|"]
+    lines += [f"| {s['config']} | " + " | ".join("-" if s[k] is None else f"{s[k]:.2f}" for k in
+              ("speedup_at_concurrency_1", "lowest_speedup", "lowest_ratio_to_ngram")) + " |" for s in summary]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_plots(points, out)
+    print("\n".join(lines))
+    return 0
+
+
 def _demo_adapter(model_path: str, args) -> str:
     """The adapter the demo serves: --adapter, the shipped one for the default model, else an untrained one for the
     target, created once in the cache."""
@@ -375,6 +428,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="FLEXDRAFT against plain decoding, NGRAM (and EAGLE3/DFLASH) served by SGLang",
+                       description="Start a fresh SGLang server per configuration and measure output tokens/s, TPOT, "
+                                   "accept length, speed-up over plain decoding (same run) and greedy equality "
+                                   "across datasets, temperatures and concurrency. Results are appended to "
+                                   "OUT/results.jsonl point by point: rerun to resume. Writes report.md and plots.")
+    p.add_argument("--model", default="default", help="target folder, or 'default' (the embedded SmolLM2)")
+    p.add_argument("--adapter", help="FLEXDRAFT adapter (default: the shipped adapter of the embedded model)")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--configs", help="comma-separated: plain, flexdraft-parallel, flexdraft-sequential, "
+                                     "flexdraft-flex, ngram, eagle3, dflash (default: every available one)")
+    p.add_argument("--datasets", default="mt-bench,humaneval,sharegpt")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    p.add_argument("--temperatures", default="0,1")
+    p.add_argument("--num-prompts", type=int, default=0,
+                   help="prompts per point: max(N, concurrency) (default: 2 x concurrency)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-total-tokens", type=int, default=8192, help="SGLang's KV pool size, the same for all")
+    p.add_argument("--server-args", default="", help="more SGLang arguments shared by every configuration, e.g. "
+                                                      "'--attention-backend flashinfer' (FLEXDRAFT's choice on a GPU)")
+    p.add_argument("--cost-table", help="FLEXDRAFT_COST_TABLE for flexdraft-flex (JSON from measure-costs)")
+    p.add_argument("--eagle3-draft", help="EAGLE3 draft model folder (GPU)")
+    p.add_argument("--dflash-draft", help="DFlash draft model folder (GPU)")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md and plots from results.jsonl")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-tau", help="tokens per step of an adapter on MT-Bench and HumanEval (greedy)",
                        description="Measure tau for parallel and sequential modes, with and without calibration, "

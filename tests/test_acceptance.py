@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 
 from flexdraft_sgl.core.acceptance import greedy_verify, speculative_verify
 from flexdraft_sgl.core.confidence import expected_tokens, verify_lengths
-from flexdraft_sgl.core.policy import ForwardCostTable, Mode, plain_tokens_per_second, plan_step
+from flexdraft_sgl.core.policy import AcceptanceTracker, ForwardCostTable, Mode, plain_tokens_per_second, plan_step
 from flexdraft_sgl.core.sampling import SamplingParams, filtered_probs, sample
 
 ALPHA = 1e-3  # significance of every distribution test; seeds are fixed, so each test is deterministic
@@ -164,3 +164,19 @@ def test_policy_keeps_to_the_verify_tiers_it_is_given():
     plan = plan_step(top, ForwardCostTable((1, 10**6), (1.0, 1.0)), block_size=8, tuned_depth=2, num_layers=24,
                      verify_caps=(1, 3, 5))
     assert plan.mode is Mode.PARALLEL and plan.verify_lens.tolist() == [5] * 4
+
+
+def test_measured_acceptance_corrects_overconfident_drafts():
+    table = ForwardCostTable((1, 64, 1064), (1.0, 1.0, 11.0))
+    kwargs = dict(block_size=8, tuned_depth=4, num_layers=30, fused_parallel=False)  # the SGLang worker's shape
+    top = torch.full((1, 7), 0.9)  # confident drafts ...
+    assert plan_step(top, table, **kwargs).mode is Mode.PARALLEL
+    tracker = AcceptanceTracker()
+    for _ in range(30):  # ... of which hardly any is accepted
+        tracker.observe(accepted=0.1, predicted=float(expected_tokens(top, torch.tensor([7]))) - 1)
+    assert tracker.scale < 0.05
+    assert plan_step(top, table, acceptance_scale=tracker.scale, **kwargs).mode is Mode.PLAIN
+    for _ in range(400):  # plain steps pull the correction back, so speculation is tried again
+        tracker.idle()
+    assert tracker.scale > 0.9
+    assert plan_step(top, table, acceptance_scale=tracker.scale, **kwargs).mode is Mode.PARALLEL

@@ -63,3 +63,23 @@ def test_mismatched_adapter_and_bad_flags_fail_clearly(smollm2, tmp_path):
     assert out.returncode == 2 and "invalid choice: 'tree'" in out.stderr
     out = flexdraft("generate", "Hi", "--adapter", str(tmp_path / "missing"), check=False)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_eval_refuses_unknown_configurations_and_rewrites_its_report(smollm2, tmp_path):
+    refused = flexdraft("eval", "--out", str(tmp_path), "--configs", "plain,eagle3", check=False)
+    assert refused.returncode == 2 and "eagle3" in refused.stderr and "--eagle3-draft" in refused.stderr
+
+    from dataclasses import asdict
+
+    from flexdraft_sgl.eval.serving import RESULTS, Point
+
+    points = [Point(name, "mt-bench", 0.0, c, tokens_per_second=tps, tpot_ms=10.0, accept_length=acc,
+                    requests=2, output_tokens=8, seconds=1.0, outputs=[[1, 2], [3, 4]])
+              for name, acc, tps in (("plain", None, 10.0), ("flexdraft-flex", 1.5, 12.0), ("ngram", 1.2, 8.0))
+              for c in (1, 2)]
+    (tmp_path / RESULTS).write_text("".join(json.dumps(asdict(p)) + "\n" for p in points))
+    out = flexdraft("eval", "--out", str(tmp_path), "--configs", "flexdraft-flex,ngram", "--report-only")
+    report = (tmp_path / "report.md").read_text()
+    assert "| flexdraft-flex | 12.0 (1.20x) | 12.0 (1.20x) |" in report and report in out.stdout + "\n"
+    assert "| flexdraft-flex | 1.20 | 1.20 | 1.50 |" in report  # targets: at c=1, lowest, lowest over NGRAM
+    assert (tmp_path / "plot-mt-bench-T0.png").exists()

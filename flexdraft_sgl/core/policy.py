@@ -104,10 +104,12 @@ def plan_step(
     modes: tuple[Mode, ...] = (Mode.PLAIN, Mode.PARALLEL, Mode.SEQUENTIAL),
     fused_parallel: bool = True,
     verify_caps: tuple[int, ...] | None = None,
+    acceptance_scale: float = 1.0,
 ) -> StepPlan:
     """Choose the mode and per-request verify lengths. draft_top_probs: [bs, B-1] top probability of each draft.
     Verify lengths are the confidence rule's, cut at each cap in `verify_caps` (default 1..B-1: the verify-length
-    tiers an engine can run); the best (mode, cap) pair wins."""
+    tiers an engine can run); the best (mode, cap) pair wins. `acceptance_scale` corrects the accepted drafts that
+    confidence predicts by what was measured (`AcceptanceTracker.scale`)."""
     bs = draft_top_probs.shape[0]
     rule_lens = verify_lengths(draft_top_probs, rule, threshold, max_len=block_size - 1)
     caps = verify_caps or tuple(range(1, block_size))
@@ -116,7 +118,8 @@ def plan_step(
     for mode in modes:
         for cap in (0,) if mode is Mode.PLAIN else caps:
             verify = rule_lens.clamp(max=cap)
-            tokens = float(bs if mode is Mode.PLAIN else expected_tokens(draft_top_probs, verify).sum())
+            drafts = acceptance_scale * (expected_tokens(draft_top_probs, verify) - 1)
+            tokens = float(bs if mode is Mode.PLAIN else (1 + drafts).sum())
             tokens += bs if mode is Mode.SEQUENTIAL else 0
             seconds = step_seconds(mode, cost, batch_size=bs, full_rows=float((verify + 1).sum()),
                                    block_size=block_size, deep_weight=deep_weight, fused_parallel=fused_parallel)
@@ -124,6 +127,30 @@ def plan_step(
                 best[mode] = (tokens / seconds, torch.zeros_like(verify) if mode is Mode.PLAIN else verify)
     chosen = max(best, key=lambda m: best[m][0])
     return StepPlan(chosen, best[chosen][1], best[chosen][0], {m: rate for m, (rate, _) in best.items()})
+
+
+@dataclass
+class AcceptanceTracker:
+    """Accepted drafts against the accepted drafts confidence predicted, over recent speculative steps (exponentially
+    decayed sums). A weakly trained adapter's confidence overstates its acceptance, and a policy that believes it
+    keeps paying for drafts that fail; `scale` is the correction `plan_step` applies. Steps without drafting pull the
+    ratio slowly back towards 1, so a policy that settled on plain decoding tries speculation again now and then."""
+
+    decay: float = 0.9
+    recovery: float = 0.02
+    accepted: float = 1.0
+    predicted: float = 1.0
+
+    @property
+    def scale(self) -> float:
+        return self.accepted / max(self.predicted, 1e-9)
+
+    def observe(self, accepted: float, predicted: float) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.predicted = self.decay * self.predicted + predicted
+
+    def idle(self) -> None:
+        self.accepted += self.recovery * (self.predicted - self.accepted)
 
 
 def plain_tokens_per_second(batch_size: int, cost: ForwardCostTable) -> float:

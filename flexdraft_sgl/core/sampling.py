@@ -44,10 +44,12 @@ def filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     temperature = torch.where(params.temperature > 0, params.temperature, 1.0).view(shape)
     scaled = logits / temperature
 
-    sorted_logits, _ = scaled.sort(dim=-1, descending=True)
-    k = torch.where((params.top_k > 0) & (params.top_k < vocab), params.top_k, vocab).view(shape)
-    kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    top_k_on = (params.top_k > 0) & (params.top_k < vocab)
+    if bool(top_k_on.any()):  # sorting the vocabulary is the costly part: only when some request filters
+        sorted_logits, _ = scaled.sort(dim=-1, descending=True)
+        k = torch.where(top_k_on, params.top_k, vocab).view(shape)
+        kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
 
     top_p = params.top_p.view(shape)
     if bool((params.top_p < 1).any()):

@@ -5,7 +5,10 @@ anchored after the last committed token) can run on its own: its B rows enter la
 embedding, use the adapter's tuned projectors in each of the final N layers (SGLang parallel linears, sharded like
 the target's), and the target's own norms, rotary embedding and MLP. Each row attends to the request's committed
 K/V in the pool and to all rows of its block (bidirectional), exactly the visibility of `core.masks` for a block
-anchored after the last committed token; the rows' own K/V never enter the pool.
+anchored after the last committed token; the rows' own K/V never enter the pool. That attention is two parts merged
+by log-sum-exp (`kernels.mask_attention`: FlashInfer's paged prefill over the pool plus a ragged prefill over the
+block on a GPU, the same computation in PyTorch elsewhere), and calibration with the argmax, confidence and sampling
+distribution the next step reads is one pass over the vocabulary (`kernels.calibration`: Triton on a GPU).
 
 This is the reference engine's parallel-mode block (the same rows see the same K/V), computed after acceptance
 instead of for every hypothesis inside the verify forward: B mask rows per request instead of (v+1)*B, at the price

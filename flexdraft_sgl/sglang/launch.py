@@ -103,12 +103,15 @@ class SGLangServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def post(self, path: str, payload: dict, timeout: float = 600.0) -> dict:
+    def post(self, path: str, payload: dict, timeout: float = 600.0) -> dict | str | None:
+        """The JSON reply (or its text, for the few endpoints that answer in words, e.g. /flush_cache)."""
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as r:
                 body = r.read()
+                if r.headers.get_content_type() != "application/json":
+                    return body.decode(errors="replace")
                 return json.loads(body) if body.strip() else None
         except urllib.error.HTTPError as e:  # keep the server's own explanation
             raise RuntimeError(f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None

@@ -36,10 +36,10 @@ from torch import Tensor
 
 from ..adapter import FlexDraftAdapter
 from ..core.acceptance import greedy_verify, speculative_verify
-from ..core.confidence import verify_lengths
+from ..core.confidence import expected_tokens, verify_lengths
 from ..core.layout import verify_layout
 from ..core.masks import full_mask
-from ..core.policy import ForwardCostTable, Mode, default_cost_table, plan_step
+from ..core.policy import AcceptanceTracker, ForwardCostTable, Mode, default_cost_table, plan_step
 from ..core.sampling import SamplingParams, draft_temperatures, draw, draw_drafts, filtered_probs
 from .drafter import MaskBlockDrafter
 from .graphs import GraphSets, tier_for, verify_tiers, widths_for_mode
@@ -70,6 +70,7 @@ class FlexDraftWorker(BaseSpecWorker):
         # Verify lengths a step may run: every one eagerly; the graph sets' tiers once graphs exist.
         self.verify_caps = tuple(range(1, self.settings.max_verify_len + 1))
         self._flex_mode: Mode | None = None
+        self.acceptance = AcceptanceTracker()  # flex: realized against predicted acceptance
 
     @property
     def draft_worker(self):
@@ -122,6 +123,11 @@ class FlexDraftWorker(BaseSpecWorker):
         tokens = torch.cat([state.bonus[:, None], drafts], 1)
         logits, verify_result = self._forward_rows(batch, committed, tokens)
         accepted, bonus = self._accept(drafts, state, logits, params, batch.sampling_info.is_all_greedy)
+        if mode is Mode.PLAIN:
+            self.acceptance.idle()
+        else:
+            predicted = expected_tokens(state.draft_top[:, :v].double(), torch.full_like(accepted, v)) - 1
+            self.acceptance.observe(float(accepted.sum()), float(predicted.sum()))
 
         bs, stride = len(committed), self.block_size + 1
         out = torch.zeros(bs, stride, dtype=torch.long, device=committed.device)
@@ -172,11 +178,12 @@ class FlexDraftWorker(BaseSpecWorker):
         plan = plan_step(state.draft_top[:, : self.settings.max_verify_len].float(), self.cost_table,
                          block_size=self.block_size, tuned_depth=cfg.tuned_depth, num_layers=cfg.target.num_layers,
                          rule=self.settings.verify_rule, threshold=self.settings.verify_threshold,
-                         fused_parallel=False, verify_caps=caps)
+                         fused_parallel=False, verify_caps=caps, acceptance_scale=self.acceptance.scale)
         if plan.mode is not self._flex_mode:  # logged on change only: one line per switch
             self._flex_mode = plan.mode
-            logger.info("FLEXDRAFT flex: %s mode from a batch of %d (predicted %s tokens/s)", plan.mode.value,
-                        len(state.bonus), ", ".join(f"{m.value} {r:.3g}" for m, r in plan.predicted.items()))
+            logger.info("FLEXDRAFT flex: %s mode from a batch of %d (predicted %s tokens/s; acceptance %.2f of "
+                        "what confidence predicts)", plan.mode.value, len(state.bonus),
+                        ", ".join(f"{m.value} {r:.3g}" for m, r in plan.predicted.items()), self.acceptance.scale)
         return plan.mode, int(plan.verify_lens.max())
 
     def _forward_rows(self, batch, prefix_lens: Tensor, tokens: Tensor):

@@ -1,0 +1,124 @@
+"""The report of a `flexdraft eval` run: markdown tables and PNG plots, every ratio against plain decoding's point of
+the same run (same dataset, temperature and concurrency)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .serving import Point
+
+BASELINE = "plain"
+
+
+def _by_key(points: list[Point]) -> dict[tuple, Point]:
+    return {p.key: p for p in points}
+
+
+def speedup(point: Point, index: dict[tuple, Point], over: str = BASELINE) -> float | None:
+    """Tokens per second over another configuration's at the same point (None when it was not measured)."""
+    other = index.get((over, point.dataset, point.temperature, point.concurrency))
+    if other is None or not other.tokens_per_second:
+        return None
+    return point.tokens_per_second / other.tokens_per_second
+
+
+def greedy_equal(point: Point, index: dict[tuple, Point]) -> float | None:
+    """At temperature 0: the fraction of requests whose output ids equal plain decoding's (None otherwise)."""
+    plain = index.get((BASELINE, point.dataset, point.temperature, point.concurrency))
+    if point.temperature != 0 or plain is None or len(plain.outputs) != len(point.outputs):
+        return None
+    return sum(a == b for a, b in zip(point.outputs, plain.outputs)) / max(len(point.outputs), 1)
+
+
+def _groups(points: list[Point]) -> dict[tuple[str, float], list[Point]]:
+    groups = defaultdict(list)
+    for p in points:
+        groups[(p.dataset, p.temperature)].append(p)
+    return dict(sorted(groups.items()))
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _grid(index: dict, configs: list[str], dataset: str, temperature: float, concurrency: list[int], cell) -> list[str]:
+    """A markdown table, one row per configuration and one column per concurrency; cell(point) fills it."""
+    lines = ["| config | " + " | ".join(f"c={c}" for c in concurrency) + " |",
+             "|" + "|".join(["---"] * (len(concurrency) + 1)) + "|"]
+    for name in configs:
+        points = [index.get((name, dataset, temperature, c)) for c in concurrency]
+        lines.append(f"| {name} | " + " | ".join("-" if p is None else cell(p) for p in points) + " |")
+    return lines
+
+
+def markdown_report(points: list[Point], header: str = "") -> str:
+    """Per dataset and temperature: tokens/s with the speed-up over plain, accept length, TPOT, and greedy equality."""
+    index = _by_key(points)
+    lines = [header, ""] if header else []
+    for (dataset, temperature), group in _groups(points).items():
+        concurrency = sorted({p.concurrency for p in group})
+        configs = list(dict.fromkeys(p.config for p in group))
+        lines += [f"### {dataset}, temperature {temperature:g}", "",
+                  "Output tokens/s (speed-up over plain in the same run):", ""]
+        lines += _grid(index, configs, dataset, temperature, concurrency,
+                       lambda p: f"{p.tokens_per_second:.1f} ({_fmt(speedup(p, index), '.2f')}x)")
+        lines += ["", "Accept length (tokens per verify step) / mean TPOT ms:", ""]
+        lines += _grid(index, configs, dataset, temperature, concurrency,
+                       lambda p: f"{_fmt(p.accept_length, '.2f')} / {p.tpot_ms:.1f}")
+        if temperature == 0:
+            shares = []
+            for name in (n for n in configs if n != BASELINE):
+                equal = [e for p in group if p.config == name and (e := greedy_equal(p, index)) is not None]
+                shares.append(f"{name} {sum(equal) / len(equal):.0%}" if equal else f"{name} -")
+            lines += ["", "Greedy output equal to plain decoding: " + ", ".join(shares)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(points: list[Point], config: str = "flexdraft-flex") -> dict:
+    """The harness's targets for one configuration: speed-up at concurrency 1, the lowest speed-up anywhere, and the
+    lowest ratio to NGRAM's tokens per second."""
+    index = _by_key(points)
+    mine = [p for p in points if p.config == config]
+    at_one = [s for p in mine if p.concurrency == 1 and (s := speedup(p, index)) is not None]
+    everywhere = [s for p in mine if (s := speedup(p, index)) is not None]
+    over_ngram = [s for p in mine if (s := speedup(p, index, over="ngram")) is not None]
+    return {"config": config,
+            "speedup_at_concurrency_1": min(at_one) if at_one else None,
+            "lowest_speedup": min(everywhere) if everywhere else None,
+            "lowest_ratio_to_ngram": min(over_ngram) if over_ngram else None}
+
+
+def write_plots(points: list[Point], out: str | Path) -> list[Path]:
+    """One PNG per dataset and temperature: tokens/s and speed-up over plain against concurrency, a line per
+    configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index, written = _by_key(points), []
+    for (dataset, temperature), group in _groups(points).items():
+        fig, (ax_tps, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
+        for name in dict.fromkeys(p.config for p in group):
+            mine = sorted((p for p in group if p.config == name), key=lambda p: p.concurrency)
+            xs = [p.concurrency for p in mine]
+            ax_tps.plot(xs, [p.tokens_per_second for p in mine], marker="o", label=name)
+            speed = [(p.concurrency, s) for p in mine if (s := speedup(p, index)) is not None]
+            if speed:
+                ax_speed.plot(*zip(*speed), marker="o", label=name)
+        for ax, label in ((ax_tps, "output tokens/s"), (ax_speed, "speed-up over plain")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+        ax_speed.axhline(1.0, color="gray", linewidth=1)
+        ax_tps.legend(fontsize=8)
+        fig.suptitle(f"{dataset}, temperature {temperature:g}")
+        fig.tight_layout()
+        path = Path(out) / f"plot-{dataset}-T{temperature:g}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
