@@ -123,11 +123,8 @@ class FlexDraftWorker(BaseSpecWorker):
         tokens = torch.cat([state.bonus[:, None], drafts], 1)
         logits, verify_result = self._forward_rows(batch, committed, tokens)
         accepted, bonus = self._accept(drafts, state, logits, params, batch.sampling_info.is_all_greedy)
-        if mode is Mode.PLAIN:
-            self.acceptance.idle()
-        else:
-            predicted = expected_tokens(state.draft_top[:, :v].double(), torch.full_like(accepted, v)) - 1
-            self.acceptance.observe(float(accepted.sum()), float(predicted.sum()))
+        if self.settings.mode == "flex":  # only flex plans with it: fixed modes keep the two host syncs off their path
+            self._track_acceptance(mode, state, accepted, v)
 
         bs, stride = len(committed), self.block_size + 1
         out = torch.zeros(bs, stride, dtype=torch.long, device=committed.device)
@@ -185,6 +182,13 @@ class FlexDraftWorker(BaseSpecWorker):
                         "what confidence predicts)", plan.mode.value, len(state.bonus),
                         ", ".join(f"{m.value} {r:.3g}" for m, r in plan.predicted.items()), self.acceptance.scale)
         return plan.mode, int(plan.verify_lens.max())
+
+    def _track_acceptance(self, mode: Mode, state: FlexDraftState, accepted: Tensor, v: int) -> None:
+        if mode is Mode.PLAIN:
+            self.acceptance.idle()
+            return
+        predicted = expected_tokens(state.draft_top[:, :v].double(), torch.full_like(accepted, v)) - 1
+        self.acceptance.observe(float(accepted.sum()), float(predicted.sum()))
 
     def _forward_rows(self, batch, prefix_lens: Tensor, tokens: Tensor):
         """A TARGET_VERIFY forward of `tokens` [bs, W] at positions prefix_lens.. under a causal mask; their K/V go
