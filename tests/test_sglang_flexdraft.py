@@ -16,9 +16,9 @@ from flexdraft_sgl.reference import ReferenceEngine
 from flexdraft_sgl.sglang.launch import SGLangServer, default_server_args, flexdraft_args
 
 MAX_NEW = 32
-# Accept length (tokens per step) the shipped SmolLM2 adapter must reach on short chat answers. Measured: 1.13 and 2.15
-# on the chat test, 1.08 in the demo (which counts its warm-up request); an untrained adapter gets about 1.0 and 2.0.
-ACCEPT_LENGTH_FLOOR = {"parallel": 1.07, "sequential": 2.08, "demo": 1.04}
+# Accept length (tokens per step) the shipped SmolLM2 adapter must reach on short chat answers. Measured: 1.18 and 2.20
+# on the chat test, 1.10 in the demo (which counts its warm-up request); an untrained adapter gets about 1.0 and 2.0.
+ACCEPT_LENGTH_FLOOR = {"parallel": 1.12, "sequential": 2.14, "demo": 1.05}
 
 
 @functools.lru_cache(maxsize=None)
@@ -300,7 +300,7 @@ def test_sampling_preserves_the_target_distribution(tmp_path):
     assert sum(sum(h[1:]) for h in drafts) > 0 and sum(h[0] for h in drafts) > 0  # accepted and rejected drafts
 
 
-def test_sglang_benchmark_client_reports_an_accept_length(smollm2_adapter):
+def test_sglang_benchmark_client_reports_an_accept_length(smollm2_adapter, tmp_path):
     """SGLang's own benchmark client against a FLEXDRAFT server: it runs and reports the accept length."""
     import re
     import subprocess
@@ -313,7 +313,8 @@ def test_sglang_benchmark_client_reports_an_accept_length(smollm2_adapter):
         bench = subprocess.run(
             [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", server.url,
              "--dataset-name", "random-ids", "--tokenizer", model, "--num-prompts", "6", "--random-input-len", "32",
-             "--random-output-len", "16", "--max-concurrency", "3"],
+             "--random-output-len", "16", "--max-concurrency", "3",
+             "--output-file", str(tmp_path / "bench.jsonl")],  # its default is a file in the working directory
             capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stderr[-3000:]
     accept = re.search(r"Accept length:\s+([0-9.]+)", bench.stdout)
