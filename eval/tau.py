@@ -74,17 +74,18 @@ def row_acceptance(drafts: list[AnswerDrafts]) -> list[float]:
     """Acceptance rate of draft row j given rows 1..j-1 were accepted, over every state of every answer whose row j
     target lies inside the answer (the per-position rate a geometric model of tau multiplies up); NaN where no state
     reached row j."""
-    accepted = reached = 0
+    if not drafts:
+        return []
+    width = drafts[0].matches.shape[1]
+    accepted = reached = torch.zeros(width, dtype=torch.long)
+    j = torch.arange(1, width + 1)
     for d in drafts:
-        states, width = d.matches.shape
-        j = torch.arange(1, width + 1)
+        states = d.matches.shape[0]
         inside = torch.arange(states)[:, None] + j <= states  # state P's row j drafts answer[P + j]
         leading = torch.cumprod(d.matches.long(), dim=1)
         before = torch.cat([torch.ones_like(leading[:, :1]), leading[:, :-1]], dim=1)
         accepted = accepted + (leading * inside).sum(0)
         reached = reached + (before * inside).sum(0)
-    if not isinstance(reached, Tensor):
-        return []
     return (accepted / reached.clamp(min=1)).where(reached > 0, torch.nan).tolist()
 
 
@@ -150,6 +151,7 @@ class TauEval:
         self.out.mkdir(parents=True, exist_ok=True)
         self.max_new, self.batch_size, self.limit, self.progress = max_new_tokens, batch_size, limit, progress
         self.stop = stop_tokens(model, tokenizer)
+        self.adapter_digest = adapter_digest(adapter)  # names its cached drafts
 
     def _bar(self, items, desc: str):
         from tqdm import tqdm
@@ -177,7 +179,7 @@ class TauEval:
 
     def drafts(self, dataset: str, block_size: int) -> dict[str, list[AnswerDrafts]]:
         """Draft matches of every answer at one block size, calibration on and off, cached."""
-        key = f"{dataset}-B{block_size}-{self.max_new}-{self.limit}-{adapter_digest(self.adapter)}"
+        key = f"{dataset}-B{block_size}-{self.max_new}-{self.limit}-{self.adapter_digest}"
         path = self.out / f"drafts-{key}.pt"
         if path.exists():
             return torch.load(path, weights_only=False)
