@@ -71,8 +71,8 @@ def test_row_acceptance_counts_only_states_that_reached_the_row_inside_the_answe
                             [1, 0, 0]],  # rows 2, 3 of the last state lie past the answer
                            dtype=torch.bool)
     d = AnswerDrafts(matches=matches, top=torch.ones(4, 3))
-    # row 1: 3 of 4 states; row 2: reached by P=0,1,2? only P=0,1 (P=2 rejected row 1), 1 accepted (P=0);
-    # row 3: reached only by P=0, inside (0 + 3 <= 4), rejected.
+    # row 1: 3 of 4 states accepted; row 2: reached by P = 0, 1 (P = 2 rejected row 1, P = 3 lies past the answer),
+    # accepted by P = 0; row 3: reached only by P = 0 (inside: 0 + 3 <= 4), rejected.
     assert row_acceptance([d]) == pytest.approx([3 / 4, 1 / 2, 0.0])
     # A second answer pools states with the first, and a row nobody reaches is NaN.
     short = AnswerDrafts(matches=torch.tensor([[False, True, True]]), top=torch.ones(1, 3))
