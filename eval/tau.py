@@ -89,6 +89,34 @@ def row_acceptance(drafts: list[AnswerDrafts]) -> list[float]:
     return (accepted / reached.clamp(min=1)).where(reached > 0, torch.nan).tolist()
 
 
+CONFIDENCE_BINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def reliability(drafts: list[AnswerDrafts], bins=CONFIDENCE_BINS) -> list[list[dict]]:
+    """How well draft confidence predicts acceptance: for each row j and confidence bin, over the states that reach
+    row j (rows 1..j-1 accepted) inside the answer, the count, the mean confidence (the draft's top probability,
+    what the verify-length rules read) and the acceptance rate. A calibrated drafter has the two equal."""
+    width = drafts[0].matches.shape[1] if drafts else 0
+    edges = torch.tensor(bins)
+    table = []
+    for j in range(width):
+        conf, hit = [], []
+        for d in drafts:
+            states = d.matches.shape[0]
+            inside = torch.arange(states) + j + 1 <= states
+            reached = torch.cumprod(d.matches.long(), 1)[:, j - 1].bool() if j else torch.ones(states, dtype=torch.bool)
+            keep = inside & reached
+            conf.append(d.top[keep, j].float())
+            hit.append(d.matches[keep, j].float())
+        conf, hit = (torch.cat(x) if x else torch.zeros(0) for x in (conf, hit))
+        which = torch.bucketize(conf, edges[1:-1], right=True)
+        table.append([{"low": float(edges[b]), "high": float(edges[b + 1]), "count": int((which == b).sum()),
+                       "confidence": float(conf[which == b].mean()) if (which == b).any() else float("nan"),
+                       "acceptance": float(hit[which == b].mean()) if (which == b).any() else float("nan")}
+                      for b in range(len(edges) - 1)])
+    return table
+
+
 def tau_of(traces: list[list[int]], lengths: list[int]) -> float:
     """Generated tokens after the first, over decode steps (as `RequestStats.tau`, pooled over answers)."""
     steps = sum(len(t) for t in traces)
@@ -105,10 +133,9 @@ def answer_drafts(engine: ReferenceEngine, prompt: list[int], answer: list[int])
     sequence = torch.tensor(prompt + answer, device=engine.device)
     anchors = [len(prompt) - 1 + P for P in range(len(answer) - 1)]
     blocks = packed_blocks(engine, [sequence], [anchors])
-    base = engine.target_logits(blocks.hidden).float()
-    correction = engine.calibration_correction(blocks.hidden, blocks.bonus).float()
     out = []
-    for logits in (base + correction, base):
+    calibrated, uncalibrated = engine.draft_logits(blocks.hidden, blocks.bonus), engine.target_logits(blocks.hidden)
+    for logits in (calibrated.float(), uncalibrated.float()):
         out.append(AnswerDrafts(matches=(logits.argmax(-1) == blocks.targets) & blocks.valid,
                                 top=torch.softmax(logits, -1).amax(-1)))
     return out[0], out[1]
@@ -216,10 +243,20 @@ class TauEval:
         return rows
 
     def acceptance_by_row(self, datasets: list[str], block_sizes: list[int]) -> list[dict]:
-        """`row_acceptance` of every (dataset, block size), calibration on and off."""
-        return [{"dataset": dataset, "block_size": B, "calibration": on,
-                 "row_acceptance": row_acceptance(self.drafts(dataset, B)["on" if on else "off"])}
-                for dataset, B in product(datasets, block_sizes) for on in (True, False)]
+        """`row_acceptance` of every (dataset, block size), calibration on and off (also written to rows.jsonl)."""
+        records = [{"dataset": dataset, "block_size": B, "calibration": on,
+                    "row_acceptance": row_acceptance(self.drafts(dataset, B)["on" if on else "off"])}
+                   for dataset, B in product(datasets, block_sizes) for on in (True, False)]
+        (self.out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+    def reliability_by_row(self, datasets: list[str]) -> list[dict]:
+        """`reliability` of the adapter's calibrated drafts at its own block size (also written to
+        reliability.jsonl)."""
+        B = self.adapter.config.block_size
+        records = [{"dataset": d, "block_size": B, "rows": reliability(self.drafts(d, B)["on"])} for d in datasets]
+        (self.out / "reliability.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return records
 
     def check_against_decoding(self, dataset: str, count: int) -> dict:
         """Decode the first `count` prompts for real (reference engine, the adapter as trained, confidence rule,
@@ -267,4 +304,15 @@ def row_table(records: list[dict]) -> str:
         cells = [f"{a:.3f}" for a in r["row_acceptance"]] + [""] * (width - len(r["row_acceptance"]))
         lines.append(f"| {r['dataset']} | {r['block_size']} | {'on' if r['calibration'] else 'off'} | "
                      + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reliability_table(record: dict) -> str:
+    """Acceptance against confidence, one line per row, one cell per bin: "acceptance / confidence (count)"."""
+    first = record["rows"][0]
+    lines = ["| row | " + " | ".join(f"{b['low']:.2f}-{b['high']:.2f}" for b in first) + " |",
+             "|---|" + "---|" * len(first)]
+    for j, row in enumerate(record["rows"], 1):
+        cells = [f"{b['acceptance']:.2f} / {b['confidence']:.2f} ({b['count']})" if b["count"] else "-" for b in row]
+        lines.append(f"| {j} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -190,14 +190,16 @@ def cmd_train(args) -> int:
         tuned_depth=args.tuned_depth, block_size=args.block_size, calibration_rank=args.rank, steps=args.steps,
         sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors, max_length=args.max_length,
         lr=args.lr, warmup_steps=args.warmup, loss_decay=args.loss_decay, calibration=args.calibration,
-        calibration_steps=args.calibration_steps, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        calibration_steps=args.calibration_steps, calibration_form=args.calibration_form,
+        calibration_input=args.calibration_input, mask_init=args.mask_init,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
         compute_dtype=args.compute_dtype, grad_checkpointing=args.grad_checkpointing,
         init_adapter=args.init_adapter or "",
     )
     trainer = Trainer(model, tokenizer, samples, args.out, config, target_name=Path(path).name)
     if trainer.step:
         print(f"resuming from step {trainer.step} of {config.total_steps}", file=sys.stderr)
-    adapter = trainer.run()
+    adapter = trainer.run(snapshot_steps=tuple(int(k) for k in args.snapshot_steps.split(",") if k))
     folder = adapter.save(Path(args.out) / "adapter", dtype=getattr(torch, args.save_dtype))
     tail = trainer.losses[-100:]
     summary = {
@@ -216,7 +218,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval_tau(args) -> int:
     from .adapter import FlexDraftAdapter
-    from .eval.tau import TauEval, markdown_table, row_table
+    from .eval.tau import TauEval, markdown_table, reliability_table, row_table
 
     model, tokenizer, path = _load_target(args)
     adapter_path = _given_or_shipped_adapter(args)
@@ -238,7 +240,11 @@ def cmd_eval_tau(args) -> int:
              "tau = generated tokens after the first / decode steps (sequential: a step is a verify forward plus "
              "a draft forward). Measured by `flexdraft eval-tau` (replay of greedy decoding, eval/tau.py).", "",
              table, "Acceptance of draft row j given rows 1..j-1 were accepted, over every state of every answer:", "",
-             row_table(evaluation.acceptance_by_row(datasets, block_sizes))]
+             row_table(evaluation.acceptance_by_row(datasets, block_sizes)),
+             "Reliability of draft confidence (the verify-length rules' input) at the adapter's block size: per row "
+             "and confidence bin, over the states that reach the row, acceptance / mean confidence (states):", ""]
+    for record in evaluation.reliability_by_row(datasets):
+        lines += [f"{record['dataset']}:", "", reliability_table(record)]
     for c in checks:
         for mode in ("parallel", "sequential"):
             m = c[mode]
@@ -328,12 +334,12 @@ def _demo_adapter(model_path: str, args) -> str:
 
 def cmd_demo(args) -> int:
     from .default_model import prepare_default_model
-    from .sglang.launch import SGLangServer, default_server_args, flexdraft_args
+    from .sglang.launch import SGLangServer, default_server_args, first_difference, flexdraft_args, has_gpu
 
     model = str(prepare_default_model()) if args.model == "default" else args.model
     adapter = _demo_adapter(model, args)
     request = {"model": "default", "messages": [{"role": "user", "content": args.prompt}],
-               "max_tokens": args.max_new_tokens, "temperature": 0}
+               "max_tokens": args.max_new_tokens, "temperature": 0, "return_token_ids": True}
     runs = {}
     for name, extra in (("plain", []), ("FLEXDRAFT", flexdraft_args(adapter))):
         print(f"starting SGLang ({name}) ...", file=sys.stderr)
@@ -344,16 +350,29 @@ def cmd_demo(args) -> int:
             seconds = time.perf_counter() - started
             states = server.get("/server_info").get("internal_states") or [{}]
             runs[name] = dict(text=reply["choices"][0]["message"]["content"],
+                              ids=reply["choices"][0]["response_token_ids"],
                               tokens=reply["usage"]["completion_tokens"], seconds=seconds,
                               accept_length=states[0].get("avg_spec_accept_length"))
     spec, plain = runs["FLEXDRAFT"], runs["plain"]
     speedup = (spec["tokens"] / spec["seconds"]) / (plain["tokens"] / plain["seconds"])
+    differ = first_difference(spec["ids"], plain["ids"])
+    if differ is None:
+        verdict = "identical to plain decoding"
+    else:
+        ours, theirs = (str(ids[differ]) if differ < len(ids) else "the end" for ids in (spec["ids"], plain["ids"]))
+        verdict = (f"DIFFERENT from plain decoding: the first {differ} of {len(plain['ids'])} tokens agree, then "
+                   f"token {ours} where plain decoding has {theirs}")
     print(f"\n>>> {args.prompt}\n{spec['text']}\n")
     print(f"FLEXDRAFT: {spec['tokens']} tokens in {spec['seconds']:.2f} s, accept length "
           f"{spec['accept_length'] or 0:.2f} tokens/step; plain SGLang: {plain['tokens']} tokens in "
-          f"{plain['seconds']:.2f} s; speed-up {speedup:.2f}x (measured in this run); output "
-          f"{'identical' if spec['text'] == plain['text'] else 'DIFFERENT'} to plain decoding")
-    return 0 if spec["text"] == plain["text"] else 1
+          f"{plain['seconds']:.2f} s; speed-up {speedup:.2f}x (measured in this run); output {verdict}")
+    if differ is None or not has_gpu():
+        return 0 if differ is None else 1  # float32 on CPU: equality is exact, any difference is a bug
+    # On a GPU (bf16) verify rows go through other attention kernels and GEMM shapes than plain decoding, so a
+    # near-tie argmax can flip and the outputs diverge from there: reported, not a failure.
+    print("(bf16 on a GPU: a near-tie in the target's logits can break the other way in a verify forward; exact "
+          "equality is checked in float32, on CPU)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,13 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-decay", type=float, default=0.85, help="weight of draft row j: decay ** (j - 1)")
     p.add_argument("--calibration", default="joint", choices=["joint", "second-stage"])
     p.add_argument("--calibration-steps", type=int, default=0, help="second-stage steps")
+    p.add_argument("--calibration-form", default="logits", choices=["logits", "hidden"],
+                   help="calibration adds r x V logits, or an r x H correction before the LM head")
+    p.add_argument("--calibration-input", default="unit-rms", choices=["unit-rms", "raw"],
+                   help="calibration's inputs (bonus embedding, hidden state) scaled to unit RMS, or raw")
+    p.add_argument("--mask-init", default="split-mean", choices=["split-mean", "token-scale"],
+                   help="mask embeddings start at the mean split-layer state, or random at token-embedding scale")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="autocast precision of the forward/backward (adapter weights stay float32)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the deep layers in backward")
-    p.add_argument("--init-adapter", help="start from this adapter (same N, B, r): continue or fine-tune it")
+    p.add_argument("--init-adapter", help="start from this adapter (same shape): continue or fine-tune it")
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--snapshot-steps", default="", help="comma-separated steps after which the adapter is saved to "
+                                                        "OUT/snapshots/step-N (for curves against training length)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train)
 
@@ -450,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="", help="more SGLang arguments shared by every configuration, e.g. "
                                                       "'--attention-backend flashinfer' (FLEXDRAFT's choice on a GPU)")
     p.add_argument("--cost-table", help="FLEXDRAFT_COST_TABLE for flexdraft-flex (JSON from measure-costs)")
-    p.add_argument("--eagle3-draft", help="EAGLE3 draft model folder (GPU)")
+    p.add_argument("--eagle3-draft", help="EAGLE3 draft model folder (runs on CPU too)")
     p.add_argument("--dflash-draft", help="DFlash draft model folder (GPU)")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md and plots from results.jsonl")
     p.set_defaults(func=cmd_eval)

@@ -11,7 +11,8 @@ softmax(logits / temperature). In PyTorch that is a [M, V] correction, an add, a
   3. `_reduce_kernel`  per row: combines the partials into the token, the top probability and the softmax statistics
   4. `_probs_kernel`   (with temperatures) probs = exp((x - max) / t) / sum
 
-`calibrate` runs the kernels on CUDA tensors and `calibrate_reference`, the spec, everywhere else.
+`calibrate` runs the kernels on CUDA tensors and `calibrate_reference`, the spec, everywhere else;
+`calibrated_drafts` is what the engines call, for either form of calibration.
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ from ..core.sampling import CalibratedDrafts
 RMS_EPS = 1e-6  # as flexdraft_sgl.adapter.modules._unit_rms
 
 
+def calibrated_drafts(calibration: CalibrationMLP, bonus_embedding: Tensor, hidden: Tensor, head,
+                      temperatures: Tensor | None = None) -> CalibratedDrafts:
+    """What a draft step reads, from final-normed draft `hidden` and `head` (hidden -> logits, the target's LM head).
+    A logits-form calibration goes through `calibrate` (the fused kernels on a GPU); a hidden-form one adds its small
+    correction before the head, which leaves only the softmax statistics to compute."""
+    if calibration.form == "hidden":
+        return drafts_from_logits(calibration.logits(bonus_embedding, hidden, head).float(), temperatures)
+    return calibrate(calibration, bonus_embedding, hidden, head(hidden), temperatures)
+
+
 def calibrate(calibration: CalibrationMLP, bonus_embedding: Tensor, hidden: Tensor, logits: Tensor,
               temperatures: Tensor | None = None) -> CalibratedDrafts:
-    """The Triton kernels where the tensors are on a GPU, the reference elsewhere."""
+    """The Triton kernels where the tensors are on a GPU, the reference elsewhere (logits-form calibration)."""
     fn = calibrate_triton if logits.is_cuda else calibrate_reference
     return fn(calibration, bonus_embedding, hidden, logits, temperatures)
 
@@ -39,8 +50,12 @@ def calibrate_reference(calibration: CalibrationMLP, bonus_embedding: Tensor, hi
     """The spec. bonus_embedding, hidden [..., H]; logits [..., V'] with V' >= V (a padded vocabulary keeps its first V
     columns); temperatures [...] (> 0), or None when no row samples. The MLP runs in its own dtype, as the drafter's
     module call does; everything from the add on is float32."""
-    vocab = calibration.down.out_features
-    x = logits[..., :vocab].float() + calibration(bonus_embedding, hidden).float()
+    vocab = calibration.vocab_size
+    return drafts_from_logits(logits[..., :vocab].float() + calibration(bonus_embedding, hidden).float(), temperatures)
+
+
+def drafts_from_logits(x: Tensor, temperatures: Tensor | None = None) -> CalibratedDrafts:
+    """Argmax, top probability at temperature 1 and (with temperatures) softmax(x / t) of float32 draft logits."""
     probs = None
     if temperatures is not None:
         probs = torch.softmax(x / temperatures.expand(x.shape[:-1]).float()[..., None], -1)
@@ -50,10 +65,12 @@ def calibrate_reference(calibration: CalibrationMLP, bonus_embedding: Tensor, hi
 def calibrate_triton(calibration: CalibrationMLP, bonus_embedding: Tensor, hidden: Tensor, logits: Tensor,
                      temperatures: Tensor | None = None) -> CalibratedDrafts:
     """`calibrate_reference` in Triton kernels; products accumulate in float32 whatever the input dtype."""
+    if calibration.form != "logits":
+        raise ValueError("the fused calibration kernels take a logits-form calibration (see `calibrated_drafts`)")
     lead, H = hidden.shape[:-1], hidden.shape[-1]
     up_w, up_b = calibration.up.weight.contiguous(), calibration.up.bias.contiguous()        # [r, 2H], [r]
     down_w, down_b = calibration.down.weight.contiguous(), calibration.down.bias.contiguous()  # [V, r], [V]
-    rank, vocab = up_w.shape[0], down_w.shape[0]
+    rank, vocab = up_w.shape[0], calibration.vocab_size
     e, h = _rows(bonus_embedding.expand_as(hidden)), _rows(hidden)
     x_in = _rows(logits)
     M, device = h.shape[0], h.device
@@ -66,7 +83,8 @@ def calibrate_triton(calibration: CalibrationMLP, bonus_embedding: Tensor, hidde
     block_r_up = 16 if M <= 64 else 32  # few rows: narrower rank tiles, so more programs share the weight reads
     _up_kernel[(triton.cdiv(M, block_m), triton.cdiv(rank, block_r_up))](
         e, h, up_w, up_b, u, M, H, rank, e.stride(0), h.stride(0), up_w.stride(0), RMS_EPS,
-        BLOCK_M=block_m, BLOCK_R=block_r_up, BLOCK_K=min(128, max(16, triton.next_power_of_2(H))),
+        UNIT_RMS=calibration.input_scaling == "unit-rms", BLOCK_M=block_m, BLOCK_R=block_r_up,
+        BLOCK_K=min(128, max(16, triton.next_power_of_2(H))),
         PRECISION=precision,
     )
 
@@ -115,9 +133,11 @@ def _rows(x: Tensor) -> Tensor:
 
 @triton.jit
 def _up_kernel(e_ptr, h_ptr, w_ptr, b_ptr, u_ptr, M, H, R, stride_e, stride_h, stride_w, eps,
-               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """u = silu(unit_rms(e) @ W[:, :H]^T + unit_rms(h) @ W[:, H:]^T + b). The RMS scale is per row, so it factors
-    out of the dot: the loop accumulates e @ Wa^T and sum(e^2) side by side and scales once at the end."""
+               UNIT_RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """u = silu(unit_rms(e) @ W[:, :H]^T + unit_rms(h) @ W[:, H:]^T + b) (without UNIT_RMS: raw e and h). The RMS
+    scale is per row, so it factors out of the dot: the loop accumulates e @ Wa^T and sum(e^2) side by side and
+    scales once at the end."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok, col_ok = rows < M, cols < R
@@ -139,8 +159,12 @@ def _up_kernel(e_ptr, h_ptr, w_ptr, b_ptr, u_ptr, M, H, R, stride_e, stride_h, s
         e32, h32 = e.to(tl.float32), h.to(tl.float32)
         sq_e += tl.sum(e32 * e32, axis=1)
         sq_h += tl.sum(h32 * h32, axis=1)
-    scale_e = tl.rsqrt(sq_e / H + eps)
-    scale_h = tl.rsqrt(sq_h / H + eps)
+    if UNIT_RMS:
+        scale_e = tl.rsqrt(sq_e / H + eps)
+        scale_h = tl.rsqrt(sq_h / H + eps)
+    else:
+        scale_e = tl.full([BLOCK_M], 1.0, tl.float32)
+        scale_h = tl.full([BLOCK_M], 1.0, tl.float32)
     bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     u = acc_e * scale_e[:, None] + acc_h * scale_h[:, None] + bias[None, :]
     u = u * tl.sigmoid(u)

@@ -10,7 +10,7 @@ from conftest import random_adapter, random_prompts, tiny_target
 from flexdraft_sgl.eval import datasets as eval_datasets
 from flexdraft_sgl.eval import tau as tau_eval
 from flexdraft_sgl.eval.tau import (AnswerDrafts, TauEval, adapter_variant, answer_drafts, markdown_table,
-                                   row_acceptance, row_table, walk)
+                                   reliability, reliability_table, row_acceptance, row_table, walk)
 from flexdraft_sgl.reference import ReferenceEngine
 
 
@@ -83,6 +83,28 @@ def test_row_acceptance_counts_only_states_that_reached_the_row_inside_the_answe
     assert "| x | 4 | on | 0.750 | 0.500 | 0.000 |" in table
 
 
+def test_reliability_bins_confidence_against_acceptance_over_the_states_reaching_each_row():
+    matches = torch.tensor([[1, 1, 0],
+                            [1, 0, 1],
+                            [0, 1, 1],
+                            [1, 0, 0]], dtype=torch.bool)
+    top = torch.tensor([[0.95, 0.40, 0.02],
+                        [0.60, 0.08, 0.50],
+                        [0.01, 0.99, 0.99],
+                        [0.93, 0.50, 0.50]])
+    table = reliability([AnswerDrafts(matches, top)], bins=(0.0, 0.1, 0.9, 1.0))
+    cell = lambda j, b: (table[j][b]["count"], table[j][b]["acceptance"], table[j][b]["confidence"])  # noqa: E731
+    # row 1, all four states: 0.01 rejected in the low bin; 0.60 accepted; 0.95 and 0.93 accepted
+    assert cell(0, 0) == (1, 0.0, pytest.approx(0.01))
+    assert cell(0, 1) == (1, 1.0, pytest.approx(0.60))
+    assert cell(0, 2) == (2, 1.0, pytest.approx(0.94))
+    # row 2: reached by P = 0 (0.40, accepted) and P = 1 (0.08, rejected); P = 2 rejected row 1, P = 3 lies past
+    assert cell(1, 0) == (1, 0.0, pytest.approx(0.08)) and cell(1, 1) == (1, 1.0, pytest.approx(0.40))
+    # row 3: only P = 0 is inside and reaches it (0.02, rejected); empty bins have no rate
+    assert cell(2, 0) == (1, 0.0, pytest.approx(0.02)) and table[2][2]["count"] == 0
+    assert "| 1 | 0.00 / 0.01 (1) | 1.00 / 0.60 (1) | 1.00 / 0.94 (2) |" in reliability_table({"rows": table})
+
+
 def test_rows_checks_and_caching(tmp_path, monkeypatch):
     model = tiny_target("qwen2", vocab=16, seed=3)
     prompts = [" ".join(map(str, p)) for p in random_prompts(5, 16, seed=6)]
@@ -109,3 +131,15 @@ def test_rows_checks_and_caching(tmp_path, monkeypatch):
     assert table.count("\n") == 2 + 8 and "| tiny | parallel | 4 | rule |" in table
     by_row = evaluation.acceptance_by_row(["tiny"], [4])
     assert [r["calibration"] for r in by_row] == [True, False] and all(len(r["row_acceptance"]) == 3 for r in by_row)
+    assert (tmp_path / "rows.jsonl").read_text().count("\n") == 2
+    [record] = evaluation.reliability_by_row(["tiny"])
+    assert len(record["rows"]) == 3 and (tmp_path / "reliability.jsonl").exists()
+
+
+def test_next_token_baselines_of_the_training_study():
+    from flexdraft_sgl.eval.limits import next_token_baselines
+
+    # successors: 1 -> 2 (twice); 2 -> 3 (three times), 2 -> 1 (once); 3 -> 2; the most frequent token is 2
+    train = [[1, 2, 1, 2, 3, 2, 3, 2, 3]]
+    held_out = [[1, 2, 3], [3, 2, 9]]  # states (1, 2) (2, 3) (3, 2) (2, 9): the bigram gets the first three
+    assert next_token_baselines(train, held_out) == {"states": 4, "bigram": 0.75, "most_frequent": 0.5}

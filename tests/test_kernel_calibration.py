@@ -29,6 +29,7 @@ CASES = {  # name: (M or leading dims, H, rank, V, V', dtype); nothing is a mult
     # bfloat16 cannot be checked here: the interpreter multiplies bfloat16 dot operands as raw uint16.
     "float16": (13, 96, 48, 1000, 1024, torch.float16),
     "leading-dims": ((2, 3), 96, 48, 1000, 1024, torch.float32),
+    "float32-raw": (13, 96, 48, 1000, 1024, torch.float32),  # calibration_input "raw": no unit-RMS scaling
 }
 
 
@@ -40,7 +41,8 @@ def make_case(name: str, seed: int = 0):
     lead, H, rank, V, V_padded, dtype = CASES[name]
     lead = lead if isinstance(lead, tuple) else (lead,)
     g = torch.Generator().manual_seed(seed)
-    calibration = CalibrationMLP(H, rank, V).requires_grad_(False)
+    scaling = "raw" if name.endswith("-raw") else "unit-rms"
+    calibration = CalibrationMLP(H, rank, V, input_scaling=scaling).requires_grad_(False)
     for p in calibration.parameters():
         p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)  # a correction of about unit size
     # The halves differ in scale (embeddings are much smaller than hidden states); unit_rms must undo it.
@@ -99,7 +101,7 @@ def assert_matches(out: dict, ref: kernels.CalibratedDrafts, tol: float) -> None
 
 
 @pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "greedy"])
-@pytest.mark.parametrize("name", ["float32", "float32-loops", "leading-dims"])
+@pytest.mark.parametrize("name", ["float32", "float32-loops", "leading-dims", "float32-raw"])
 def test_triton_matches_reference(interpreted, name, sampled):
     calibration, bonus, hidden, logits, temperatures = make_case(name)
     t = temperatures if sampled else None
@@ -127,6 +129,29 @@ def test_calibrate_on_cpu_is_the_reference(monkeypatch):
         for field in ("logits", "tokens", "top", "probs"):
             a, b = getattr(out, field), getattr(ref, field)
             assert (a is None and b is None) or torch.equal(a, b), field
+
+
+def test_hidden_form_is_the_logits_form_factored_through_the_head():
+    """A hidden-space correction read through the (linear) LM head equals a logits-form calibration whose down
+    weight is head @ W_down: what `calibrated_drafts` computes for it is what the kernels would for that one."""
+    g = torch.Generator().manual_seed(1)
+    H, rank, V = 32, 16, 200
+    head = torch.randn(V + 8, H, generator=g) / H ** 0.5  # a padded vocabulary: the first V columns count
+    hidden_form = CalibrationMLP(H, rank, V, form="hidden", input_scaling="raw").requires_grad_(False)
+    logits_form = CalibrationMLP(H, rank, V, form="logits", input_scaling="raw").requires_grad_(False)
+    for p in hidden_form.parameters():
+        p.copy_(torch.randn(p.shape, generator=g))
+    logits_form.up.load_state_dict(hidden_form.up.state_dict())
+    logits_form.down.weight.copy_(head[:V] @ hidden_form.down.weight)
+    logits_form.down.bias.copy_(head[:V] @ hidden_form.down.bias)
+    bonus, hidden, t = torch.randn(2, 3, H, generator=g), torch.randn(2, 3, H, generator=g), torch.full((2, 3), 0.7)
+    out = kernels.calibrated_drafts(hidden_form, bonus, hidden, lambda x: x @ head.T, t)
+    ref = kernels.calibrate_reference(logits_form, bonus, hidden, hidden @ head.T, t)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.probs, ref.probs, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="logits-form"):
+        kernels.calibrate_triton(hidden_form, bonus, hidden, hidden @ head.T, t)
 
 
 if __name__ == "__main__":

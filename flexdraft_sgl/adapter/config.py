@@ -16,6 +16,9 @@ ADAPTER_FORMAT = "flexdraft-adapter/1"
 # its own mask embedding; row 0 is the next bonus slot, rows 1..B-1 draft the tokens after it. Changing this breaks
 # every trained adapter, hence the version (v1 had one mask embedding shared by all rows).
 MASK_LAYOUT = "anchor-after/row0-bonus-slot/row-embeddings/v2"
+# How calibration reads its inputs and where its correction goes (`adapter.modules.CalibrationMLP`).
+CALIBRATION_FORMS = ("logits", "hidden")
+CALIBRATION_INPUTS = ("unit-rms", "raw")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -85,6 +88,8 @@ class AdapterConfig:
     tuned_depth: int  # N: the final N layers get tuned projectors for mask rows
     block_size: int  # B: mask rows per block; drafts per step are at most B-1
     calibration_rank: int  # r: hidden width of the calibration MLP
+    calibration_form: str = "logits"  # its correction: added to the logits, or to the hidden state before the head
+    calibration_input: str = "unit-rms"  # its inputs scaled to unit RMS, or raw
     target_name: str = ""  # informational: the model path or name it was trained on
     vocab_digest: str | None = None
     verify_rule: str = "cumulative_product"
@@ -103,6 +108,10 @@ class AdapterConfig:
             raise AdapterError(f"block_size must be at least 2 (one bonus slot and one draft), got {self.block_size}")
         if self.calibration_rank < 1:
             raise AdapterError(f"calibration_rank must be positive, got {self.calibration_rank}")
+        if self.calibration_form not in CALIBRATION_FORMS:
+            raise AdapterError(f"calibration_form must be one of {CALIBRATION_FORMS}, got {self.calibration_form!r}")
+        if self.calibration_input not in CALIBRATION_INPUTS:
+            raise AdapterError(f"calibration_input must be one of {CALIBRATION_INPUTS}, got {self.calibration_input!r}")
 
     @property
     def split_layer(self) -> int:

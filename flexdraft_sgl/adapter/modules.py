@@ -7,7 +7,7 @@
   attention[i]       tuned q/k/v/o projectors (and q/k norms where the target has them) for mask rows in the i-th of
                      the final N layers; candidate and prompt rows keep the target's own
   calibration        Linear(2H -> r) -> SiLU -> Linear(r -> V) over [embedding(bonus), final-normed mask hidden],
-                     added to the mask row's draft logits
+                     added to the mask row's draft logits (or Linear(r -> H) added before the LM head: `CalibrationMLP`)
 
 Saved as a folder: `flexdraft_adapter.json` (AdapterConfig), `adapter.safetensors`, and `config.json`, the target's
 own Hugging Face config: SGLang reads `--speculative-draft-model-path` as a model config for every algorithm, and this
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import AdapterConfig, AdapterError, TargetSpec
+from .config import CALIBRATION_FORMS, CALIBRATION_INPUTS, AdapterConfig, AdapterError, TargetSpec
 
 CONFIG_FILE = "flexdraft_adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -73,21 +73,41 @@ def _unit_rms(x: Tensor) -> Tensor:
 
 
 class CalibrationMLP(nn.Module):
-    """Bonus-guided calibration: a logit correction from [embedding(bonus), draft hidden]. Both halves are scaled to
-    unit RMS first: a token embedding is about 14 times smaller than a final-normed hidden state (SmolLM2), and at
-    that ratio training took hundreds of steps to notice the bonus at all."""
+    """Bonus-guided calibration: a correction computed from [embedding(bonus), final-normed draft hidden].
 
-    def __init__(self, hidden_size: int, rank: int, vocab_size: int):
+    form "logits" (the paper's): Linear(2H -> r) -> SiLU -> Linear(r -> V), added to the draft logits.
+    form "hidden": Linear(2H -> r) -> SiLU -> Linear(r -> H), added to the final-normed hidden state before the
+      target's LM head. The head is linear, so this is the logits form with its down weight factored through the head
+      (r x H weights instead of r x V): a large rank costs little.
+    input "unit-rms": both halves scaled to unit RMS first (a token embedding is about 14 times smaller than a
+      final-normed hidden state on SmolLM2); "raw": as they come (the authors' release).
+    """
+
+    def __init__(self, hidden_size: int, rank: int, vocab_size: int, form: str = "logits",
+                 input_scaling: str = "unit-rms"):
         super().__init__()
+        if form not in CALIBRATION_FORMS or input_scaling not in CALIBRATION_INPUTS:
+            raise ValueError(f"calibration form must be one of {CALIBRATION_FORMS} and input one of "
+                             f"{CALIBRATION_INPUTS}, got {form!r} / {input_scaling!r}")
+        self.form, self.input_scaling, self.vocab_size = form, input_scaling, vocab_size
         self.up = nn.Linear(2 * hidden_size, rank)
-        self.down = nn.Linear(rank, vocab_size)
+        self.down = nn.Linear(rank, vocab_size if form == "logits" else hidden_size)
         # Zero output layer: an untrained adapter calibrates nothing instead of adding noise.
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 
     def forward(self, bonus_embedding: Tensor, hidden: Tensor) -> Tensor:
-        x = torch.cat([_unit_rms(bonus_embedding), _unit_rms(hidden)], dim=-1)
-        return self.down(nn.functional.silu(self.up(x)))
+        """The correction, in logits (form "logits") or in final-normed hidden space (form "hidden")."""
+        if self.input_scaling == "unit-rms":
+            bonus_embedding, hidden = _unit_rms(bonus_embedding), _unit_rms(hidden)
+        return self.down(nn.functional.silu(self.up(torch.cat([bonus_embedding, hidden], dim=-1))))
+
+    def logits(self, bonus_embedding: Tensor, hidden: Tensor, head) -> Tensor:
+        """Calibrated draft logits of final-normed `hidden`; `head` maps hidden states to logits (the LM head)."""
+        correction = self(bonus_embedding, hidden)
+        if self.form == "hidden":
+            return head(hidden + correction)[..., :self.vocab_size]
+        return head(hidden)[..., :self.vocab_size] + correction  # a padded vocabulary keeps its first V columns
 
 
 class FlexDraftAdapter(nn.Module):
@@ -97,13 +117,15 @@ class FlexDraftAdapter(nn.Module):
         self.config = config
         self.mask_embedding = nn.Parameter(torch.zeros(config.block_size, spec.hidden_size))
         self.attention = nn.ModuleList(TunedAttention(spec, rms_norm_eps) for _ in range(config.tuned_depth))
-        self.calibration = CalibrationMLP(spec.hidden_size, config.calibration_rank, spec.vocab_size)
+        self.calibration = CalibrationMLP(spec.hidden_size, config.calibration_rank, spec.vocab_size,
+                                          config.calibration_form, config.calibration_input)
         self.target_hf_config: dict | None = None  # written beside the adapter for SGLang (see module docstring)
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
     def init_from_target(cls, model: nn.Module, *, tuned_depth: int, block_size: int = 16,
-                         calibration_rank: int = 256, tokenizer=None, target_name: str = "",
+                         calibration_rank: int = 256, calibration_form: str = "logits",
+                         calibration_input: str = "unit-rms", tokenizer=None, target_name: str = "",
                          seed: int = 0) -> FlexDraftAdapter:
         """An untrained adapter for a Hugging Face target: projectors copied from its final `tuned_depth` layers, the
         mask embeddings set to the mean token embedding, calibration initialised to add nothing."""
@@ -112,7 +134,8 @@ class FlexDraftAdapter(nn.Module):
         spec = TargetSpec.from_hf_config(model.config)
         config = AdapterConfig(
             target=spec, tuned_depth=tuned_depth, block_size=block_size, calibration_rank=calibration_rank,
-            target_name=target_name, vocab_digest=vocab_digest(tokenizer) if tokenizer is not None else None,
+            calibration_form=calibration_form, calibration_input=calibration_input, target_name=target_name,
+            vocab_digest=vocab_digest(tokenizer) if tokenizer is not None else None,
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)

@@ -27,7 +27,7 @@ from ..core.masks import dense_mask, padded_rows
 from ..core.policy import ForwardCostTable, Mode, default_cost_table, plan_step
 from ..core.sampling import (CalibratedDrafts, SamplingParams, draft_temperatures, draw, draw_drafts,
                              filtered_probs)
-from ..kernels.calibration import calibrate
+from ..kernels.calibration import calibrated_drafts
 
 MODES = ("parallel", "sequential", "flex", "plain")
 
@@ -196,29 +196,35 @@ class ReferenceEngine:
                 split_hidden: Tensor | None = None) -> Tensor:
         """Run one step: `tokens` are the candidate rows' tokens in flat order. Returns the last layer's hidden
         states (before the final norm) for every row of `layout`, in its flat order. `cache` None: a layout without
-        a cached prefix whose K/V are not kept (training). `split_hidden`: the candidate rows' hidden states entering
-        the split layer, computed earlier by `split_hidden_states` (training caches them), so layers below the split
-        are skipped."""
-        x = self.split_hidden_states(layout, tokens, cache) if split_hidden is None else split_hidden
-        if not layout.has_blocks:  # every layer has run
-            return x
-        deep = x.new_empty(layout.num_rows, x.shape[1])
-        deep[layout.candidate_rows] = x
-        # mask rows are laid out block by block, rows 0..B-1 each
-        deep[layout.mask_rows] = self.adapter.mask_embedding.to(x.dtype).repeat(len(layout.block_request), 1)
-        x, ctx = deep, self._context(layout, deep)
+        a cached prefix whose K/V are not kept (training). `split_hidden`: what `split_hidden_states` returns for
+        these candidate rows, computed earlier (training caches it), so the layers below the split are skipped."""
+        if split_hidden is None:
+            x, ctx = self._shallow(layout, tokens, cache)
+        else:
+            x, ctx = split_hidden, None
+        if layout.has_blocks:  # mask rows enter here, laid out block by block, rows 0..B-1 each
+            deep = x.new_empty(layout.num_rows, x.shape[1])
+            deep[layout.candidate_rows] = x
+            deep[layout.mask_rows] = self.adapter.mask_embedding.to(x.dtype).repeat(len(layout.block_request), 1)
+            x, ctx = deep, self._context(layout, deep)
+        elif ctx is None:
+            ctx = self._context(layout.candidates_only(), x)
         for i in range(self.split_layer, self.spec.num_layers):
             x = self._checkpointed_layer(i, x, ctx, cache) if self.checkpoint_layers else self._layer(i, x, ctx, cache)
         return x
 
     def split_hidden_states(self, layout: StepLayout, tokens: Tensor, cache: KVCache | None) -> Tensor:
-        """Hidden states of the candidate rows entering the split layer (all layers when `layout` has no blocks)."""
+        """The candidate rows' hidden states entering the split layer s = L - N, i.e. the output of layers 0..s-1,
+        whatever `layout` holds: exactly what decoding feeds the deep layers, and so what training must cache."""
+        return self._shallow(layout, tokens, cache)[0]
+
+    def _shallow(self, layout: StepLayout, tokens: Tensor, cache: KVCache | None) -> tuple[Tensor, _Context]:
         shallow = layout.candidates_only()
         x = self.embed(tokens)
         ctx = self._context(shallow, x)
-        for i in range(self.split_layer if layout.has_blocks else self.spec.num_layers):
+        for i in range(self.split_layer):
             x = self._layer(i, x, ctx, cache)
-        return x
+        return x, ctx
 
     def _checkpointed_layer(self, i: int, x: Tensor, ctx: _Context, cache: KVCache | None) -> Tensor:
         # Recomputed in the backward pass instead of keeping activations (large targets); needs cache None.
@@ -251,19 +257,15 @@ class ReferenceEngine:
     def draft_logits(self, hidden: Tensor, bonus: Tensor) -> Tensor:
         """Calibrated draft logits for mask rows 1..B-1. hidden [bs, B-1, H] (pre-norm), bonus [bs]: the token
         resolved at the block's row 0."""
-        return self.target_logits(hidden) + self.calibration_correction(hidden, bonus)
+        h = self.norm(hidden)
+        return self.adapter.calibration.logits(self.embed(bonus)[:, None].expand_as(h), h, self.lm_head)
 
     def calibrated_drafts(self, hidden: Tensor, bonus: Tensor, temperatures: Tensor | None) -> CalibratedDrafts:
         """What decoding reads from the draft logits of `draft_logits` (argmax, confidence, distribution), in one
         pass through the calibration kernel on a GPU."""
         h = self.norm(hidden)
-        return calibrate(self.adapter.calibration, self.embed(bonus)[:, None].expand_as(h), h, self.lm_head(h),
-                         temperatures)
-
-    def calibration_correction(self, hidden: Tensor, bonus: Tensor) -> Tensor:
-        """What bonus-guided calibration adds to the LM head's draft logits."""
-        h = self.norm(hidden)
-        return self.adapter.calibration(self.embed(bonus)[:, None].expand_as(h), h)
+        return calibrated_drafts(self.adapter.calibration, self.embed(bonus)[:, None].expand_as(h), h, self.lm_head,
+                                 temperatures)
 
     # ---- generation --------------------------------------------------------------------------------------------
     @torch.inference_mode()

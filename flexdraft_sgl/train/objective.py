@@ -61,12 +61,19 @@ def packed_blocks(engine, sequences, anchors: list[list[int]], split_hidden: lis
     )
 
 
+def packed_draft_logits(engine, sequences, anchors: list[list[int]], split_hidden: list[Tensor] | None = None
+                        ) -> tuple[PackedBlocks, Tensor]:
+    """`packed_blocks` and the calibrated draft logits [blocks, B-1, V] of their rows 1..B-1, calibrated with the
+    true bonus: what the loss scores (and what decoding drafts at the same states)."""
+    blocks = packed_blocks(engine, sequences, anchors, split_hidden)
+    return blocks, engine.draft_logits(blocks.hidden, blocks.bonus).float()
+
+
 def mask_block_loss(engine, sequences, anchors: list[list[int]], decay: float = 1.0,
                     split_hidden: list[Tensor] | None = None) -> Tensor:
     """Mean (decay-weighted) cross-entropy of the draft rows of every block. `engine` is a ReferenceEngine over the
     frozen target with the adapter being trained; the rest as for `packed_blocks`."""
-    blocks = packed_blocks(engine, sequences, anchors, split_hidden)
-    logits = engine.draft_logits(blocks.hidden, blocks.bonus).float()
+    blocks, logits = packed_draft_logits(engine, sequences, anchors, split_hidden)
     steps = torch.arange(blocks.targets.shape[1], dtype=torch.float32, device=logits.device)
     weights = blocks.valid * decay ** steps
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks.targets.reshape(-1), reduction="none")

@@ -8,14 +8,16 @@ checkpoint (adapter, optimiser, step, losses) is written atomically every `check
 Calibration is trained jointly with the rest, or as a second stage (`calibration="second-stage"`: `steps` without it,
 then `calibration_steps` with everything else frozen), which makes "without calibration" an exact ablation.
 
-Mask embeddings start at the mean split-layer hidden state of the data and learn at a rate scaled to it
-(`Trainer.prepare`): without that they stay put at the lr the projectors need, every row of a block enters the deep
-layers alike, and the drafts come out the same token on every row.
+Mask embeddings start either at the mean split-layer hidden state of the data, learning at a rate scaled to it
+(`mask_init="split-mean"`: at the lr the projectors need they would stay put, and every row of a block would enter
+the deep layers alike), or as small random vectors at the scale of a token embedding (`"token-scale"`, the authors'
+release), learning at the base rate (`Trainer.prepare`).
 
 Output folder:
   checkpoint.pt        latest training state (resume)
   split_hidden.pt      cached split-layer hidden states of every sample
   log.jsonl            one line per step: step, loss, lr, seconds
+  snapshots/step-N/    the adapter after step N (`run(snapshot_steps)`), bfloat16
   adapter/             the trained adapter (weights saved in `save_dtype`)
 """
 
@@ -26,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +42,10 @@ from .data import Sample
 from .objective import mask_block_loss, random_anchors
 
 CALIBRATION_MODES = ("joint", "second-stage")
+MASK_INITS = ("split-mean", "token-scale")
+# What split_hidden.pt and checkpoints hold. v1 (before 2026-12) cached the LAST layer's output instead of the split
+# layer's input, so its cache and every adapter trained on it are refused.
+SPLIT_HIDDEN_FORMAT = "input-of-split-layer/v2"
 # The mask embeddings' lr, in units of their starting RMS times the base lr: rows must move apart by a visible fraction
 # of a vector whose RMS is in the tens within a few hundred steps.
 MASK_EMBEDDING_LR_SCALE = 5.0
@@ -49,6 +56,9 @@ class TrainConfig:
     tuned_depth: int = 4
     block_size: int = 8
     calibration_rank: int = 64
+    calibration_form: str = "logits"  # AdapterConfig.calibration_form
+    calibration_input: str = "unit-rms"  # AdapterConfig.calibration_input
+    mask_init: str = "split-mean"
     steps: int = 2000
     sequences_per_step: int = 4
     anchors_per_sequence: int = 32
@@ -68,6 +78,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.calibration not in CALIBRATION_MODES:
             raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, not {self.calibration!r}")
+        if self.mask_init not in MASK_INITS:
+            raise ValueError(f"mask_init must be one of {MASK_INITS}, not {self.mask_init!r}")
         if self.block_size < 2 or self.tuned_depth < 1 or self.sequences_per_step < 1:
             raise ValueError("block_size >= 2, tuned_depth >= 1 and sequences_per_step >= 1 are needed")
         if self.steps < 0 or self.total_steps < 1:
@@ -121,16 +133,16 @@ class Trainer:
         self.first_anchor = [min(len(s.prompt_ids), config.max_length) - 1 for s in samples]
         adapter = FlexDraftAdapter.init_from_target(
             model, tuned_depth=config.tuned_depth, block_size=config.block_size,
-            calibration_rank=config.calibration_rank, tokenizer=tokenizer, target_name=target_name, seed=config.seed,
+            calibration_rank=config.calibration_rank, calibration_form=config.calibration_form,
+            calibration_input=config.calibration_input, tokenizer=tokenizer, target_name=target_name, seed=config.seed,
         ).float()
         if config.init_adapter:
             start = FlexDraftAdapter.load(config.init_adapter, target_config=model.config, dtype=torch.float32)
-            c = start.config
-            if (c.tuned_depth, c.block_size, c.calibration_rank) != (config.tuned_depth, config.block_size,
-                                                                       config.calibration_rank):
-                raise ValueError(f"{config.init_adapter} has N={c.tuned_depth}, B={c.block_size}, "
-                                 f"r={c.calibration_rank}; this run trains N={config.tuned_depth}, "
-                                 f"B={config.block_size}, r={config.calibration_rank}")
+            shape = ("tuned_depth", "block_size", "calibration_rank", "calibration_form", "calibration_input")
+            theirs, ours = ([getattr(c, f) for f in shape] for c in (start.config, config))
+            if theirs != ours:
+                raise ValueError(f"{config.init_adapter} has {dict(zip(shape, theirs))}; this run trains "
+                                 f"{dict(zip(shape, ours))}")
             adapter.load_state_dict(start.state_dict())
         self.adapter = adapter
         self.engine = ReferenceEngine(model, adapter, tokenizer)
@@ -147,13 +159,17 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _state_key(self) -> dict:
-        return {"config": asdict(self.config), "sample_indices": [s.index for s in self.samples]}
+        return {"config": asdict(self.config), "sample_indices": [s.index for s in self.samples],
+                "split_hidden": SPLIT_HIDDEN_FORMAT}
 
     def _resume(self) -> None:
         path = self.out / "checkpoint.pt"
         if not path.exists():
             return
         state = torch.load(path, weights_only=False)
+        if state["key"].get("split_hidden") != SPLIT_HIDDEN_FORMAT:
+            raise ValueError(f"{path} was trained by an older trainer that fed the deep layers the last layer's "
+                             "output instead of the split layer's input; it cannot be resumed: use a new --out folder")
         if state["key"] != self._state_key():
             raise ValueError(f"{path} belongs to a run with other settings or data; use a new --out folder")
         self.adapter.load_state_dict(state["adapter"])
@@ -174,16 +190,21 @@ class Trainer:
 
     @torch.no_grad()
     def split_hidden(self, batch_tokens: int = 4096) -> list[torch.Tensor]:
-        """Every sequence's hidden states entering the split layer, computed once and cached on disk."""
+        """Every sequence's hidden states entering the split layer (`ReferenceEngine.split_hidden_states`, what
+        decoding feeds the deep layers), computed once and cached on disk."""
         from tqdm import tqdm
 
         path = self.out / "split_hidden.pt"
-        key = {"split_layer": self.engine.split_layer, "lengths": [len(x) for x in self.sequences],
-               "dtype": self.config.compute_dtype, "indices": [s.index for s in self.samples]}
+        key = {"format": SPLIT_HIDDEN_FORMAT, "split_layer": self.engine.split_layer,
+               "lengths": [len(x) for x in self.sequences], "dtype": self.config.compute_dtype,
+               "indices": [s.index for s in self.samples]}
         if path.exists():
             cached = torch.load(path, weights_only=False)
             if cached["key"] == key:
                 return cached["hidden"]
+            old = "an older trainer's (it holds the last layer's output)" if "format" not in cached["key"] else \
+                "another run's"
+            print(f"{path} is {old}: not used, computing it again", file=sys.stderr)
         hidden, i = [], 0
         bar = tqdm(total=len(self.sequences), desc="split-layer hidden states", unit="seq", disable=not self.progress)
         while i < len(self.sequences):
@@ -203,17 +224,23 @@ class Trainer:
         return hidden
 
     def prepare(self) -> list[torch.Tensor]:
-        """The cached split-layer hidden states; a fresh run also starts every mask embedding at their mean, where
-        the deep layers expect their input (the split layer's residual stream is hundreds of times larger than
-        a token embedding)."""
+        """The cached split-layer hidden states, and (a fresh run) the mask embeddings' start and learning rate:
+        `split-mean` starts every row at the mean split-layer state, where the deep layers expect their input (the
+        residual stream there is hundreds of times larger than a token embedding), with an lr scaled to it;
+        `token-scale` starts each row at a random vector at the scale of a token embedding, at the base lr."""
         hidden = self.split_hidden()
-        if self.step == 0:
+        embedding = self.adapter.mask_embedding
+        if self.config.mask_init == "split-mean":
             mean = sum(h.double().sum(0) for h in hidden) / sum(len(h) for h in hidden)
-            if not self.config.init_adapter:
-                with torch.no_grad():
-                    self.adapter.mask_embedding.copy_(mean.to(self.adapter.mask_embedding.dtype).expand_as(
-                        self.adapter.mask_embedding))
             self.optimizer.param_groups[1]["lr_scale"] = MASK_EMBEDDING_LR_SCALE * float(mean.pow(2).mean().sqrt())
+            start = mean.to(embedding.dtype).expand_as(embedding)
+        else:
+            tokens = self.model.get_input_embeddings().weight.float()
+            g = torch.Generator().manual_seed(self.config.seed)
+            start = torch.randn(embedding.shape, generator=g) * float(tokens.pow(2).mean().sqrt())
+        if self.step == 0 and not self.config.init_adapter:
+            with torch.no_grad():
+                embedding.copy_(start.to(embedding.device, embedding.dtype))
         return hidden
 
     # ---- the loop ----------------------------------------------------------------------------------------------
@@ -224,14 +251,19 @@ class Trainer:
             is_calibration = name.startswith("calibration.")
             p.requires_grad_(not second or (is_calibration == (step >= self.config.steps)))
 
+    def step_inputs(self, step: int) -> tuple[list[int], list[list[int]]]:
+        """The samples of `step` and the mask-block anchors in each: functions of (seed, step) alone."""
+        c = self.config
+        indices = batch_for_step(c, len(self.sequences), step)
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        return indices, [random_anchors(len(self.sequences[i]), c.anchors_per_sequence, g, self.first_anchor[i])
+                         for i in indices]
+
     def train_step(self, split_hidden: list[torch.Tensor]) -> float:
         c = self.config
         started = time.perf_counter()
         self._set_stage(self.step)
-        indices = batch_for_step(c, len(self.sequences), self.step)
-        g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
-        anchors = [random_anchors(len(self.sequences[i]), c.anchors_per_sequence, g, self.first_anchor[i])
-                   for i in indices]
+        indices, anchors = self.step_inputs(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(c, self.step) * group["lr_scale"]
         with self._autocast():
@@ -246,7 +278,9 @@ class Trainer:
         self.seconds += time.perf_counter() - started
         return self.losses[-1]
 
-    def run(self) -> FlexDraftAdapter:
+    def run(self, snapshot_steps: tuple[int, ...] = ()) -> FlexDraftAdapter:
+        """Train to the end (from the last checkpoint); the adapter as it is after each of `snapshot_steps` is saved
+        to snapshots/step-NNNNN, for curves of what longer training buys."""
         from tqdm import tqdm
 
         c = self.config
@@ -262,9 +296,14 @@ class Trainer:
                 recent = self.losses[-50:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
                 bar.update(1)
+                if self.step in snapshot_steps:
+                    self.trained_adapter().save(self.out / "snapshots" / f"step-{self.step:05d}", dtype=torch.bfloat16)
                 if self.step % c.checkpoint_every == 0 or self.step == c.total_steps:
                     log.flush()
                     self.save_checkpoint()
         bar.close()
+        return self.trained_adapter()
+
+    def trained_adapter(self) -> FlexDraftAdapter:
         self.adapter.config = dataclasses.replace(self.adapter.config, trained=True)
         return self.adapter
