@@ -141,6 +141,12 @@ def attention_reference_dense(
     return out.transpose(1, 2)[valid].to(q.dtype)
 
 
+# FlashInfer's float workspace as SGLang 0.5.23 sizes it (SGLANG_FLASHINFER_WORKSPACE_SIZE, srt/environ.py: 384 MiB;
+# flashinfer_backend.py raises it to 512 MiB for Qwen2/Qwen3): split-KV over long prefixes with few KV heads needs more
+# than FlashInfer's 128 MiB example. Inside SGLang the drafter passes SGLang's own buffer instead (sglang/drafter.py).
+WORKSPACE_BYTES = 384 << 20
+
+
 class FlashInferMaskAttention:
     """The two parts with FlashInfer: `plan` once per step (all layers share it), `run` per layer.
 
@@ -157,8 +163,9 @@ class FlashInferMaskAttention:
         from flashinfer.cascade import merge_state
 
         self._flashinfer, self._merge_state = flashinfer, merge_state
-        # 128 MiB: FlashInfer's recommended float workspace (SGLang shares one buffer between its wrappers the same way)
-        self._workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device) if workspace is None else workspace
+        if workspace is None:
+            workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._workspace = workspace  # split-KV scratch, shared by both wrappers (as SGLang shares one among its own)
         # fa2 explicitly: "auto" is resolved once at the first plan and may pick fa3, which has no custom mask
         self._paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
         # One ragged wrapper per mask mode: plan() without a mask leaves an earlier plan's mask buffer in place, and

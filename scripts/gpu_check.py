@@ -3,10 +3,17 @@
 
 Device command (from the repo root; `run` with timeout_s 540 leaves time for the script's own 450 s budget):
     PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --out $OUT
-With FlashInfer carried as wheels in .whl/ (carry [".whl"]; /work/.library/device/README.md says how to download them):
+With FlashInfer importable (a machine with SGLang installed), or installed from a folder of wheels:
     PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --out $OUT --wheels .whl
 A smoke run anywhere, CPU included (every GPU-only part is recorded as "skipped: no CUDA"):
     OMP_NUM_THREADS=1 python scripts/gpu_check.py --small --out /tmp/gpu-check
+
+What it does NOT cover (also written into results.json and summary.md, see NOT_COVERED): it imports neither SGLang
+nor transformers, so nothing of the SGLang path runs: not the plugin, the worker, SGLang's model and attention
+backends, their TARGET_VERIFY masks, the graph sets of sglang/graphs.py or the mask-block drafter of
+sglang/drafter.py. Its step is its own static Llama with SDPA attention. FlashInfer (check 4) runs only where it
+imports: the 0.7.2 wheel (62 MiB) does not fit beside the repo in a 64 MiB device call, so on lent machines without it
+check 4 reports it unavailable. The SGLang path is checked by the README's "First run on a GPU" commands.
 
 Writes to --out: results.json (every check's numbers, or its skip reason, or its traceback), summary.md (the same as
 tables) and, on a GPU, cost_table.json in ForwardCostTable.to_json() format. Results are rewritten after every check
@@ -17,8 +24,10 @@ Checks, in the order they run (FlashInfer last: without carried AOT kernels it J
   calibration   flexdraft_sgl.kernels.calibration: calibrate_triton vs calibrate_reference (and a float32 gold)
                 at 8B shapes (H 4096, r 256, V 128256, M = 15/240/960 rows), errors and times.
   cost_table    a random 8B-shaped Llama (StaticLlama below): full-depth forward time against rows under CUDA graphs
-                -> cost_table.json; the N-layer mask-block pass against rows (the policy's N/L assumption); plan_step
-                decisions on the measured table.
+                -> cost_table.json; the N-layer mask-block pass against rows, replayed from a CUDA graph and run
+                eagerly, against the policy's N/L assumption (SGLang's drafter runs it eagerly, plus a FlashInfer plan
+                with a host sync per step, so flex's drafting cost, N/L of a graphed forward, is a lower bound at small
+                batch); plan_step decisions on the measured table.
   cuda_graphs   one CUDAGraph per (mode, verify length, batch size) of a whole FlexDraft step as the SGLang worker
                 runs it (verify, greedy acceptance, kept mask block, calibration), replay == eager; plain decoding's
                 step for comparison; on a small float32 model, the static step against the spec (core.layout and
@@ -79,6 +88,9 @@ from flexdraft_sgl.core.policy import step_seconds  # noqa: E402
 from flexdraft_sgl.sglang.graphs import batch_bucket, verify_tiers, widths_for_mode  # noqa: E402
 
 NO_CUDA = "skipped: no CUDA"
+NOT_COVERED = ("the SGLang path (plugin, worker, SGLang's model, attention backends and TARGET_VERIFY masks, the graph "
+               "sets of sglang/graphs.py, the eager mask-block drafter of sglang/drafter.py): this script runs its own "
+               "static Llama with SDPA; FlashInfer only where it imports. See the README's 'First run on a GPU'.")
 RMS_EPS = 1e-6
 
 
@@ -868,12 +880,16 @@ def check_cost_table(ctx: Context, entry: dict) -> None:
             graph = capture(fn, pool)
             row[f"{name}_ms"] = time_replays(graph, ctx.plan.replays)["median_ms"]
             del graph
+            # as SGLang's drafter runs it: eagerly, a launch per kernel (the worker does not capture this pass)
+            row[f"{name}_eager_ms"] = statistics.median(time_eager(fn, ctx.device) for _ in range(ctx.plan.replays))
         full_ms = table.seconds_for(rows) * 1e3
         row["full_forward_ms_same_rows"] = full_ms
         row["ratio_layers"] = row["layers_ms"] / full_ms
         row["ratio_with_head"] = row["with_head_and_calibration_ms"] / full_ms
+        row["ratio_with_head_eager"] = row["with_head_and_calibration_eager_ms"] / full_ms
         log(f"mask-block pass rows={rows}: {row['layers_ms']:.3f} ms (N layers), "
-            f"{row['with_head_and_calibration_ms']:.3f} ms (+head, calibration); ratio {row['ratio_layers']:.3f} "
+            f"{row['with_head_and_calibration_ms']:.3f} ms (+head, calibration), "
+            f"{row['with_head_and_calibration_eager_ms']:.3f} ms eager; ratio {row['ratio_layers']:.3f} "
             f"vs N/L {deep_weight:.3f}")
         ctx.recorder.write()
     torch.cuda.empty_cache()
@@ -1185,7 +1201,8 @@ def summary_markdown(data: dict) -> str:
     meta, checks = data["meta"], data["checks"]
     parts = [f"# FlexDraft GPU check ({meta.get('size')})", "",
              f"device {meta.get('device_name')}, torch {meta.get('torch')}, triton {meta.get('triton')}, "
-             f"python {meta.get('python')}; written {meta.get('written_at')}", ""]
+             f"python {meta.get('python')}; written {meta.get('written_at')}", "",
+             f"Not covered: {NOT_COVERED}", ""]
     for name, c in checks.items():
         parts.append(f"## {name}: {c.get('status')} ({c.get('seconds', '-')} s)")
         for key in ("reason", "skipped"):
@@ -1221,10 +1238,13 @@ def _summary_of(name: str, r: dict) -> str:
                               [[k, f"{v['bs']}x{v['width']}", v["median_ms"], v["min_ms"]]
                                for k, v in r["full_forward"].items()]))
         if r.get("mask_block_pass"):
-            out.append("\nMask-block pass (N layers) against a full forward of the same rows:\n")
-            out.append(_table(["rows", "N layers ms", "+head+calib ms", "full ms", "ratio", "ratio +head", "N/L"],
-                              [[k, v["layers_ms"], v["with_head_and_calibration_ms"], v["full_forward_ms_same_rows"],
-                                v["ratio_layers"], v["ratio_with_head"], v["n_over_l"]]
+            out.append("\nMask-block pass (N layers) against a full forward of the same rows (graph replay, and eager "
+                       "as SGLang's drafter runs it; flex assumes N/L of the graphed forward):\n")
+            out.append(_table(["rows", "N layers ms", "+head+calib ms", "eager +head+calib ms", "full ms", "ratio",
+                               "ratio +head", "ratio eager", "N/L"],
+                              [[k, v["layers_ms"], v["with_head_and_calibration_ms"],
+                                v["with_head_and_calibration_eager_ms"], v["full_forward_ms_same_rows"],
+                                v["ratio_layers"], v["ratio_with_head"], v["ratio_with_head_eager"], v["n_over_l"]]
                                for k, v in r["mask_block_pass"].items()]))
         if r.get("plan_decisions"):
             pd = r["plan_decisions"]
@@ -1276,7 +1296,7 @@ CHECKS = {  # run order: FlashInfer last (it may JIT-compile for minutes); the c
 
 
 def meta(args, device: torch.device) -> dict:
-    info = dict(size="small" if args.small else "8b", seed=args.seed, budget_s=args.budget_s,
+    info = dict(size="small" if args.small else "8b", not_covered=NOT_COVERED, seed=args.seed, budget_s=args.budget_s,
                 python=platform.python_version(), torch=torch.__version__, device=str(device),
                 shape=dataclasses.asdict(SMALL if args.small else FULL))
     try:

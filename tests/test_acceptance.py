@@ -7,8 +7,9 @@ import torch
 from scipy.stats import chisquare
 
 from flexdraft_sgl.core.acceptance import greedy_verify, speculative_verify
-from flexdraft_sgl.core.confidence import expected_tokens, verify_lengths
-from flexdraft_sgl.core.policy import AcceptanceTracker, ForwardCostTable, Mode, plain_tokens_per_second, plan_step
+from flexdraft_sgl.core.confidence import expected_tokens, measured_verify_len, verify_lengths
+from flexdraft_sgl.core.policy import (AcceptanceTracker, ForwardCostTable, Mode, plain_tokens_per_second, plan_step,
+                                       row_outcomes)
 from flexdraft_sgl.core.sampling import SamplingParams, filtered_probs, sample
 
 ALPHA = 1e-3  # significance of every distribution test; seeds are fixed, so each test is deterministic
@@ -171,12 +172,58 @@ def test_measured_acceptance_corrects_overconfident_drafts():
     kwargs = dict(block_size=8, tuned_depth=4, num_layers=30, fused_parallel=False)  # the SGLang worker's shape
     top = torch.full((1, 7), 0.9)  # confident drafts ...
     assert plan_step(top, table, **kwargs).mode is Mode.PARALLEL
-    tracker = AcceptanceTracker()
-    for _ in range(30):  # ... of which hardly any is accepted
-        tracker.observe(accepted=0.1, predicted=float(expected_tokens(top, torch.tensor([7]))) - 1)
+    tracker = AcceptanceTracker(rows=7)
+    assert tracker.scale == 1.0
+    for step in range(30):  # ... of which hardly any is accepted
+        tracker.observe(row_outcomes(torch.tensor([int(step % 10 == 0)]), top, 7), requests=1)
     assert tracker.scale < 0.05
     assert plan_step(top, table, acceptance_scale=tracker.scale, **kwargs).mode is Mode.PLAIN
-    for _ in range(400):  # plain steps pull the correction back, so speculation is tried again
+    for _ in range(100):  # plain steps pull the correction back, so speculation is tried again
         tracker.idle()
     assert tracker.scale > 0.9
     assert plan_step(top, table, acceptance_scale=tracker.scale, **kwargs).mode is Mode.PARALLEL
+
+
+def test_row_outcomes_count_what_each_row_reached_accepted_and_was_predicted():
+    top = torch.tensor([[0.5, 0.5], [1.0, 0.2], [0.9, 0.9]])  # two drafts verified per request
+    outcomes = row_outcomes(torch.tensor([0, 1, 2]), top, rows=4)
+    accepted, reached, predicted = outcomes.tolist()
+    assert accepted == [2, 1, 0, 0]  # row j accepted when more than j drafts were
+    assert reached == [3, 2, 0, 0]  # row 0 always; row 1 after an accepted row 0; rows 2, 3 were not verified
+    assert predicted == pytest.approx([0.5 + 1.0 + 0.9, 0.25 + 0.2 + 0.81, 0, 0])
+
+
+def _verify_with(rates: torch.Tensor, verify_len: int, requests: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simulated verification: row j is accepted with probability rates[j] once the rows before it were."""
+    hits = torch.rand(requests, len(rates), generator=gen) < rates
+    accepted = torch.cumprod(hits.long(), 1).sum(1).clamp(max=verify_len)
+    return accepted, torch.full((requests, verify_len), 0.95)  # confidence that grants every row
+
+
+def test_measured_acceptance_caps_the_verify_length_explores_and_grows_back():
+    """Drafts whose confidence grants all 7 rows, but whose rows are accepted 30%, 20%, 2%, ... given the rows
+    before them: after an optimistic start the cap settles at 2 (0.3 * 0.2 >= 0.01 > 0.3 * 0.2 * 0.02), the row past
+    it is tried again now and then, one row at a time, and when acceptance improves the cap grows back to 7."""
+    gen = torch.Generator().manual_seed(0)
+    tracker, rule = AcceptanceTracker(rows=7), ("cumulative_product", 0.01)
+    cap = measured_verify_len(tracker.rates, *rule)
+    assert cap == 7  # nothing measured: every row is explored
+    poor = torch.tensor([0.3, 0.2, 0.02, 0.02, 0.02, 0.02, 0.02])
+    caps = []
+    for _ in range(300):  # read-backs of 16 steps at batch 8
+        accepted, top = _verify_with(poor, cap, 128, gen)
+        tracker.observe(row_outcomes(accepted, top, 7), requests=128)
+        cap = measured_verify_len(tracker.rates, *rule, current=cap)
+        caps.append(cap)
+    settled = caps[20:]
+    assert settled.count(2) / len(settled) > 0.8
+    assert 2 < max(settled) < 7  # rows past the cap are explored again as their measurements age, one at a time
+    assert sum(settled) / len(settled) < 2.3  # a step verifies about 2 drafts, not the 7 confidence grants
+    good = torch.full((7,), 0.9)
+    for _ in range(10):
+        accepted, top = _verify_with(good, cap, 128, gen)
+        tracker.observe(row_outcomes(accepted, top, 7), requests=128)
+        cap = measured_verify_len(tracker.rates, *rule, current=cap)
+    assert cap == 7
+    # min_confidence reads each row's measured rate on its own
+    assert measured_verify_len(torch.tensor([0.5, 0.2, 0.9]), "min_confidence", 0.3) == 1

@@ -4,6 +4,8 @@
 drafts, at least one and at most `max_len`:
   cumulative_product   keep draft j while q_1 * ... * q_j >= threshold   (the release's rule, threshold 0.01)
   min_confidence       keep draft j while every q_1 .. q_j >= threshold
+The same rule over the rows' measured acceptance caps what it grants (`measured_verify_len`): confidence can
+overstate acceptance.
 """
 
 from __future__ import annotations
@@ -33,3 +35,15 @@ def expected_tokens(top_probs: Tensor, verify_lens: Tensor) -> Tensor:
     survive = torch.cumprod(top_probs.double(), dim=1)
     valid = torch.arange(top_probs.shape[1], device=top_probs.device)[None, :] < verify_lens[:, None]
     return 1.0 + (survive * valid).sum(1)
+
+
+def measured_verify_len(row_rates: Tensor, rule: str = "cumulative_product", threshold: float = 0.01,
+                        current: int | None = None) -> int:
+    """The verify length measured acceptance supports: the confidence rule applied to each row's measured acceptance
+    given the rows before it were accepted (`policy.AcceptanceTracker.rates`) instead of a draft's confidence; at
+    least 1. Under cumulative_product, row j is verified only while the measured chance that rows 1..j are all
+    accepted stays >= threshold, so rows that are almost never accepted are not verified, whatever the drafts'
+    confidence claims. From a `current` cap it grows by one row at most: rows past the cap read optimistically
+    (unmeasured), and exploring them one at a time keeps a row that fails from taking all the rows after it along."""
+    cap = int(verify_lengths(row_rates[None], rule, threshold)[0])
+    return cap if current is None else min(cap, current + 1)

@@ -18,7 +18,7 @@ tokens per second wins; plain decoding is always a candidate, so the plan is nev
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -129,28 +129,57 @@ def plan_step(
     return StepPlan(chosen, best[chosen][1], best[chosen][0], {m: rate for m, (rate, _) in best.items()})
 
 
+def row_outcomes(accepted: Tensor, top_probs: Tensor, rows: int) -> Tensor:
+    """One verify step's outcome per draft row, summed over its requests: [3, rows] float32 of (accepted, reached,
+    predicted). top_probs [bs, v]: the verified drafts' confidence; accepted [bs]: how many of them were accepted.
+    Row j (from 0) was reached when it was verified with every row before it accepted (accepted >= j), accepted when
+    accepted > j, and confidence predicted it accepted with q_1 * ... * q_{j+1}; rows from v on count nothing. Stays
+    on the inputs' device: no host sync."""
+    v = top_probs.shape[1]
+    j = torch.arange(rows, device=accepted.device)
+    a = accepted[:, None]
+    survive = torch.nn.functional.pad(torch.cumprod(top_probs.float(), 1), (0, rows - v))
+    return torch.stack([(a > j).sum(0).float(), ((a >= j) & (j < v)).sum(0).float(), survive.sum(0)])
+
+
 @dataclass
 class AcceptanceTracker:
-    """Accepted drafts against the accepted drafts confidence predicted, over recent speculative steps (exponentially
-    decayed sums). A weakly trained adapter's confidence overstates its acceptance, and a policy that believes it
-    keeps paying for drafts that fail; `scale` is the correction `plan_step` applies. Steps without drafting pull the
-    ratio slowly back towards 1, so a policy that settled on plain decoding tries speculation again now and then."""
+    """Measured acceptance per draft row (`row_outcomes`, exponentially decayed sums over recent verified requests),
+    read two ways:
+      rates   each row's acceptance given the rows before it were accepted, with one optimistic pseudo-observation,
+              so a row not verified lately reads close to 1 and is explored again: the verify-length cap of the
+              confidence rule (`confidence.measured_verify_len`).
+      scale   accepted drafts over the drafts confidence predicted: flex's correction in `plan_step`. A weakly
+              trained adapter's confidence overstates its acceptance, and a policy that believes it keeps paying for
+              drafts that fail.
+    The sums decay per verified request, not per step, so that a row reached once in a hundred requests is still
+    measured at batch 1. Steps without drafting (flex's plain steps) forget a share of them, pulling both readings
+    back towards optimism, so a policy that settled on plain decoding tries speculation again now and then."""
 
-    decay: float = 0.9
-    recovery: float = 0.02
-    accepted: float = 1.0
-    predicted: float = 1.0
+    rows: int
+    decay: float = 0.999
+    recovery: float = 0.1
+    sums: Tensor = field(init=False)  # [3, rows] float64: accepted, reached, predicted
+
+    def __post_init__(self):
+        self.sums = torch.zeros(3, self.rows, dtype=torch.float64)
+
+    @property
+    def rates(self) -> Tensor:
+        accepted, reached, _ = self.sums
+        return (accepted + 1) / (reached + 1)
 
     @property
     def scale(self) -> float:
-        return self.accepted / max(self.predicted, 1e-9)
+        accepted, _, predicted = self.sums.sum(1).tolist()
+        return (accepted + 1) / (predicted + 1)
 
-    def observe(self, accepted: float, predicted: float) -> None:
-        self.accepted = self.decay * self.accepted + accepted
-        self.predicted = self.decay * self.predicted + predicted
+    def observe(self, outcomes: Tensor, requests: int) -> None:
+        """Add `row_outcomes` summed over steps that verified `requests` requests in all."""
+        self.sums = self.decay ** requests * self.sums + outcomes.to(self.sums)
 
     def idle(self) -> None:
-        self.accepted += self.recovery * (self.predicted - self.accepted)
+        self.sums = (1 - self.recovery) * self.sums
 
 
 def plain_tokens_per_second(batch_size: int, cost: ForwardCostTable) -> float:

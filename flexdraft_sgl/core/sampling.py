@@ -1,8 +1,9 @@
 """Sampling filters and draws, applied identically to target and draft distributions.
 
 Speculative sampling is lossless only if the draft distribution q and the target distribution p are filtered by the
-same rule, so both go through `filtered_probs`. Temperature 0 means greedy: the distribution becomes one-hot at the
-argmax, which turns the rejection rule of `acceptance.py` into exact greedy matching.
+same rule, so both go through `filtered_probs`. Temperature 0, or top_k 1 (how SGLang encodes greedy), means greedy:
+the distribution becomes one-hot at the argmax, which turns the rejection rule of `acceptance.py` into exact greedy
+matching.
 """
 
 from __future__ import annotations
@@ -34,36 +35,49 @@ class SamplingParams:
         return SamplingParams(self.temperature[index], self.top_k[index], self.top_p[index])
 
 
+def greedy_rows(params: SamplingParams) -> Tensor:
+    """[bs] bool: the requests decoded greedily, at temperature 0 or with top_k 1 (SGLang's encoding of greedy)."""
+    return (params.temperature <= 0) | (params.top_k == 1)
+
+
+def _top_k_filter(scaled: Tensor, k: Tensor) -> Tensor:
+    """Each request's k largest logits (ties at the k-th kept), found by top-k selection rather than a sort of the
+    vocabulary. scaled [n, ..., V], k [n] in 2..V-1."""
+    shape = (len(k),) + (1,) * (scaled.dim() - 1)
+    kth = scaled.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1).view(shape).expand(*scaled.shape[:-1], 1))
+    return scaled.masked_fill(scaled < kth, float("-inf"))
+
+
+def _top_p_filter(scaled: Tensor, top_p: Tensor) -> Tensor:
+    """The smallest prefix of each sorted distribution whose mass reaches top_p [n]; its last logit is the cut-off."""
+    shape = (len(top_p),) + (1,) * (scaled.dim() - 1)
+    sorted_scaled = scaled.sort(dim=-1, descending=True)[0]
+    sorted_probs = torch.softmax(sorted_scaled, dim=-1)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    keep = (mass_before < top_p.view(shape)).sum(-1, keepdim=True).clamp(min=1)
+    return scaled.masked_fill(scaled < sorted_scaled.gather(-1, keep - 1), float("-inf"))
+
+
 def filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Probabilities after temperature, top-k and top-p. logits: [bs, ..., V]; params broadcast over the middle
-    dimensions. Computed in float32."""
+    """Probabilities after temperature, top-k and top-p; one-hot at the argmax for greedy requests. logits:
+    [bs, ..., V]; params broadcast over the middle dimensions. Computed in float32. Each filter runs on the requests
+    that use it only: a batch mixing greedy (top_k 1) and sampling requests must not sort every row's vocabulary."""
     bs, vocab = logits.shape[0], logits.shape[-1]
     shape = (bs,) + (1,) * (logits.dim() - 1)
-    logits = logits.float()
-    greedy = (params.temperature <= 0).view(shape)
-    temperature = torch.where(params.temperature > 0, params.temperature, 1.0).view(shape)
-    scaled = logits / temperature
-
-    top_k_on = (params.top_k > 0) & (params.top_k < vocab)
-    if bool(top_k_on.any()):  # sorting the vocabulary is the costly part: only when some request filters
-        sorted_logits, _ = scaled.sort(dim=-1, descending=True)
-        k = torch.where(top_k_on, params.top_k, vocab).view(shape)
-        kth = sorted_logits.gather(-1, (k - 1).expand(*scaled.shape[:-1], 1))
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-
-    top_p = params.top_p.view(shape)
-    if bool((params.top_p < 1).any()):
-        sorted_scaled = scaled.sort(dim=-1, descending=True)[0]
-        sorted_probs = torch.softmax(sorted_scaled, dim=-1)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        # The smallest prefix of the sorted distribution whose mass reaches top_p; its last logit is the cut-off.
-        keep = (mass_before < top_p).sum(-1, keepdim=True).clamp(min=1)
-        cutoff = sorted_scaled.gather(-1, keep - 1)
-        scaled = torch.where(top_p < 1, scaled.masked_fill(scaled < cutoff, float("-inf")), scaled)
-
+    greedy = greedy_rows(params)
+    scaled = logits.float() / torch.where(params.temperature > 0, params.temperature, 1.0).view(shape)
+    top_k = ((params.top_k > 1) & (params.top_k < vocab) & ~greedy).nonzero().squeeze(1)
+    if len(top_k):
+        scaled[top_k] = _top_k_filter(scaled[top_k], params.top_k[top_k])
+    top_p = ((params.top_p < 1) & ~greedy).nonzero().squeeze(1)
+    if len(top_p):
+        scaled[top_p] = _top_p_filter(scaled[top_p], params.top_p[top_p])
     probs = torch.softmax(scaled, dim=-1)
-    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(greedy, one_hot, probs)
+    rows = greedy.nonzero().squeeze(1)
+    if len(rows):
+        argmax = logits[rows].argmax(-1, keepdim=True)
+        probs[rows] = torch.zeros_like(probs[: len(rows)]).scatter_(-1, argmax, 1.0)
+    return probs
 
 
 def draw(logits: Tensor, params: SamplingParams, generator: torch.Generator | None, all_greedy: bool) -> Tensor:
@@ -82,6 +96,11 @@ class CalibratedDrafts:
     tokens: Tensor  # [...] int64 argmax of logits (lowest index on ties, like torch.argmax)
     top: Tensor  # [...] float32 max of softmax(logits) at temperature 1: the verify-length rule's confidence
     probs: Tensor | None  # [..., V] float32 softmax(logits / temperature) if temperatures were given, else None
+
+    def select(self, index: Tensor) -> CalibratedDrafts:
+        """These requests' drafts (index into the first dimension)."""
+        return CalibratedDrafts(self.logits[index], self.tokens[index], self.top[index],
+                                None if self.probs is None else self.probs[index])
 
 
 def draw_drafts(drafts: CalibratedDrafts, params: SamplingParams, generator: torch.Generator | None,

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from ..adapter import FlexDraftAdapter
 from ..core.sampling import CalibratedDrafts
-from ..kernels.calibration import calibrate
+from ..kernels.calibration import calibrated_drafts
 from ..kernels.mask_attention import FlashInferMaskAttention, attend, flashinfer_available
+from .profile import OFF
 
 
 def _tp_size() -> int:
@@ -33,11 +34,30 @@ def _tp_size() -> int:
     return get_parallel().tp_size
 
 
-def _tp_all_reduce(x: Tensor) -> Tensor:
-    """The MLP's partial sums: SGLang's decoder layers reduce them in their stage boundary, which mask rows skip."""
-    from sglang.srt.distributed import tensor_model_parallel_all_reduce
+def mlp_output(mlp: nn.Module, h: Tensor) -> Tensor:
+    """The MLP's output summed over tensor-parallel ranks. SGLang's Llama / Qwen2 / Qwen3 decoder layers build it
+    with `down_proj.reduce_results=False` and sum in their stage boundary, which mask rows skip (models/llama.py
+    `reduce_results=not stage_boundaries`; qwen2.py, qwen3.py `reduce_results=False`), so the sum is done here; an
+    MLP built to reduce itself (RowParallelLinear.forward, layers/linear.py) must not be reduced twice."""
+    out = mlp(h)
+    if _tp_size() > 1 and not mlp.down_proj.reduce_results:
+        from sglang.srt.distributed import tensor_model_parallel_all_reduce
 
-    return tensor_model_parallel_all_reduce(x) if _tp_size() > 1 else x
+        out = tensor_model_parallel_all_reduce(out)
+    return out
+
+
+def _sglang_workspace(device) -> Tensor:
+    """The FlashInfer float workspace SGLang's flashinfer backend shares among all its wrappers (`get_buffer(
+    "flashinfer_workspace")`, layers/attention/flashinfer_backend.py), so the mask block costs no memory of its own
+    and gets SGLang's size (SGLANG_FLASHINFER_WORKSPACE_SIZE: 384 MiB, 512 MiB for Qwen2/Qwen3); created at that size
+    when the target runs another backend. Only scratch of a running kernel lives there, and the mask block runs
+    between target forwards on the same stream."""
+    from sglang.srt.environ import envs
+    from sglang.srt.runtime_context import get_buffer
+
+    size = envs.SGLANG_FLASHINFER_WORKSPACE_SIZE.get()
+    return get_buffer("flashinfer_workspace", lambda: torch.empty(size, dtype=torch.uint8, device=device))
 
 
 class TunedProjectors(nn.Module):
@@ -89,8 +109,9 @@ class TunedProjectors(nn.Module):
 class MaskBlockDrafter(nn.Module):
     """Runs kept mask blocks through the target's final N layers and calibrates them into draft logits."""
 
-    def __init__(self, model: nn.Module, adapter: FlexDraftAdapter, kv_pool, req_to_token: Tensor):
+    def __init__(self, model: nn.Module, adapter: FlexDraftAdapter, kv_pool, req_to_token: Tensor, profile=OFF):
         super().__init__()
+        self.profile = profile  # the worker's step profile: times the pass's parts
         cfg = adapter.config
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -111,7 +132,7 @@ class MaskBlockDrafter(nn.Module):
         if not (self.device.type == "cuda" and flashinfer_available()):
             return None
         if self._flashinfer is None:
-            self._flashinfer = FlashInferMaskAttention(self.device)
+            self._flashinfer = FlashInferMaskAttention(self.device, workspace=_sglang_workspace(self.device))
         attn = self.deep_layers[0].self_attn
         pool_dtype = self.kv_pool.get_key_buffer(attn.attn.layer_id).dtype
         self._flashinfer.plan(qo_indptr, kv_indptr, kv_indices, attn.num_heads, attn.num_kv_heads, attn.head_dim,
@@ -129,32 +150,40 @@ class MaskBlockDrafter(nn.Module):
         positions = (lens[:, None] + torch.arange(B, device=lens.device)).reshape(-1)
         # The block's attention: all committed K/V of its request (paged prefix, no mask) plus its own B rows
         # (bidirectional), through FlashInfer on a GPU (planned once, shared by the N layers), PyTorch otherwise.
-        qo_indptr = torch.arange(bs + 1, device=lens.device) * B
-        kv_indptr = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
-        slots = torch.arange(int(lens.max()), device=lens.device)
-        committed = self.req_to_token[req_pool_indices.long()[:, None], slots[None, :]]
-        kv_indices = committed[slots[None, :] < lens[:, None]].long()
-        planned = self._plan_attention(qo_indptr, kv_indptr, kv_indices)
+        prof = self.profile
+        with prof.section("gather_kv"):
+            qo_indptr = torch.arange(bs + 1, device=lens.device) * B
+            kv_indptr = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
+            with prof.section("host_sync"):
+                longest = int(lens.max())
+            slots = torch.arange(longest, device=lens.device)
+            committed = self.req_to_token[req_pool_indices.long()[:, None], slots[None, :]]
+            kv_indices = committed[slots[None, :] < lens[:, None]].long()
+            planned = self._plan_attention(qo_indptr, kv_indptr, kv_indices)
 
-        x = self.mask_embedding.repeat(bs, 1)  # [bs * B, H]: row j of every block gets embedding j
-        for layer, tuned in zip(self.deep_layers, self.projectors):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = tuned.qkv(h)
-            q, k = attn.rotary_emb(positions, q, k)
-            hd, layer_id = attn.head_dim, attn.attn.layer_id
-            out = attend(q.view(bs * B, -1, hd), k.view(bs * B, -1, hd), v.view(bs * B, -1, hd), qo_indptr,
-                         self.kv_pool.get_key_buffer(layer_id), self.kv_pool.get_value_buffer(layer_id), kv_indptr,
-                         kv_indices, None, attn.scaling, planned)
-            o, _ = tuned.o_proj(out.reshape(bs * B, -1))
-            x = x + o
-            x = x + _tp_all_reduce(layer.mlp(layer.post_attention_layernorm(x)))
+        with prof.section("layers"):
+            x = self.mask_embedding.repeat(bs, 1)  # [bs * B, H]: row j of every block gets embedding j
+            for layer, tuned in zip(self.deep_layers, self.projectors):
+                attn = layer.self_attn
+                h = layer.input_layernorm(x)
+                q, k, v = tuned.qkv(h)
+                q, k = attn.rotary_emb(positions, q, k)
+                hd, layer_id = attn.head_dim, attn.attn.layer_id
+                out = attend(q.view(bs * B, -1, hd), k.view(bs * B, -1, hd), v.view(bs * B, -1, hd), qo_indptr,
+                             self.kv_pool.get_key_buffer(layer_id), self.kv_pool.get_value_buffer(layer_id),
+                             kv_indptr, kv_indices, None, attn.scaling, planned)
+                o, _ = tuned.o_proj(out.reshape(bs * B, -1))
+                x = x + o
+                x = x + mlp_output(layer.mlp, layer.post_attention_layernorm(x))
 
         hidden = self.model.model.norm(x).view(bs, B, -1)[:, 1:]
+        bonus_embedding = self.model.model.embed_tokens(bonus)[:, None].expand_as(hidden)
+        return calibrated_drafts(self.calibration, bonus_embedding, hidden, self._lm_head, temperatures)
+
+    def _lm_head(self, hidden: Tensor) -> Tensor:
         logits = F.linear(hidden, self.model.lm_head.weight)
         if _tp_size() > 1:  # the LM head holds this rank's slice of the (padded) vocabulary
             from sglang.srt.distributed import tensor_model_parallel_all_gather
 
             logits = tensor_model_parallel_all_gather(logits.contiguous(), dim=-1)
-        bonus_embedding = self.model.model.embed_tokens(bonus)[:, None].expand_as(hidden)
-        return calibrate(self.calibration, bonus_embedding, hidden, logits, temperatures)
+        return logits

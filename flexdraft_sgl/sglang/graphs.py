@@ -10,8 +10,16 @@ activates the set of the width it is about to run. This is how SGLang's adaptive
 step count (`EAGLEWorkerV2.build_adaptive_runtime_state` / `apply_runtime_state`, sglang/srt/speculative/
 eagle_worker_v2.py, 0.5.23); FLEXDRAFT builds its sets the same way.
 
-The bookkeeping (tiers, which widths a mode needs, which set runs a batch) is pure and tested on CPU; `GraphSets.build`
-needs a GPU. The mask-block pass through the final N layers is not captured (it runs eagerly; see drafter.py).
+Memory: the sets are built after SGLang sized its KV pool, so they are budgeted. What grows is the attention backend's
+graph state, one entry per captured verify row and context position (`GRAPH_STATE_BYTES`); the sets share SGLang's
+FlashInfer workspace instead of a fresh 384-512 MiB each (they run one at a time on one stream, as SGLang's two-batch-
+overlap backends share it). Before capture, `plan_sets` gives each width, narrowest first, SGLang's batch buckets up
+to the largest that still fits the free memory above `HEADROOM_BYTES`; larger batches of that width, or every batch
+of a width that fits none, run eagerly with its backend. Each set logs what it captured or skipped.
+
+The bookkeeping (tiers, which widths a mode needs, which set runs a batch, the memory plan) is pure and tested on CPU;
+`GraphSets.build` needs a GPU. The mask-block pass through the final N layers is not captured (it runs eagerly; see
+drafter.py).
 """
 
 from __future__ import annotations
@@ -57,6 +65,33 @@ def batch_bucket(batch_size: int, captured: list[int] | tuple[int, ...]) -> int 
     return min(fitting) if fitting else None
 
 
+# Bytes per (captured verify row x context position) of an attention backend's CUDA-graph state, which dominates a
+# set's memory: flashinfer allocates int32 KV indices and a uint8 custom-mask buffer that long (FlashInferAttnBackend.
+# init_cuda_graph_state, layers/attention/flashinfer_backend.py), triton int64 KV indices and a uint8 verify mask
+# (TritonAttnBackend.init_cuda_graph_state, triton_backend.py).
+GRAPH_STATE_BYTES = {"flashinfer": 5, "triton": 9}
+# Free memory the extra sets leave for SGLang's eager prefill and FLEXDRAFT's eager mask-block pass and sampling (an
+# estimate: an 8B model's chunked-prefill activations take 1-2 GiB).
+HEADROOM_BYTES = 4 << 30
+
+
+def set_bytes(max_bs: int, width: int, context_len: int, backend: str) -> int:
+    """Estimated graph-state memory of one width's set captured up to batch size `max_bs`."""
+    return max_bs * width * context_len * GRAPH_STATE_BYTES.get(backend, max(GRAPH_STATE_BYTES.values()))
+
+
+def plan_sets(widths, buckets, context_len: int, backend: str, budget: int) -> dict[int, tuple[int, ...]]:
+    """The batch sizes to capture per width within `budget` bytes for all sets together. Narrower widths go first
+    (they cost least, and width 1 runs every sequential and plain step); each keeps SGLang's buckets up to the
+    largest whose graph state still fits; () means the width runs eagerly."""
+    plan = {}
+    for width in sorted(widths):
+        plan[width] = tuple(b for b in sorted(buckets) if set_bytes(b, width, context_len, backend) <= budget)
+        if plan[width]:
+            budget -= set_bytes(plan[width][-1], width, context_len, backend)
+    return plan
+
+
 @dataclass
 class GraphSet:
     """What a width needs at run time: its attention backend and the graph runner captured with it."""
@@ -81,35 +116,58 @@ class GraphSets:
         self.active = width
 
     def build(self, widths: tuple[int, ...]) -> None:
-        """Capture every missing width, as adaptive EAGLE does: under an override of the spec widths, a fresh
-        attention backend (own workspace) and a fresh DecodeCudaGraphRunner over SGLang's batch-size buckets."""
-        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
-        from sglang.srt.model_executor.runner import DecodeCudaGraphRunner
-        from sglang.srt.runtime_context import get_spec
+        """Capture every missing width as adaptive EAGLE does (under an override of the spec widths, an attention
+        backend and a DecodeCudaGraphRunner of its own), over the batch buckets `plan_sets` affords it."""
+        import torch
+        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend, with_phase
+        from sglang.srt.runtime_context import get_exec, get_spec
 
         runner = self.model_runner
-        capture = not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED)
-        for width in widths:
-            if width in self.sets:
-                continue
+        missing = [w for w in widths if w not in self.sets]
+        plan = dict.fromkeys(missing, ())
+        graph = get_exec().graph
+        if not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED):
+            backend_name, context_len = runner.decode_attention_backend_str, runner.model_config.context_len
+            # SGLang's buckets, as its runner clamps them to the request pool (get_batch_sizes_to_capture)
+            buckets = sorted({min(b, runner.req_to_token_pool.size) for b in graph.cuda_graph_config.decode.bs})
+            budget = torch.cuda.mem_get_info()[0] - HEADROOM_BYTES
+            plan = plan_sets(missing, buckets, context_len, backend_name, budget)
+            logger.info("FLEXDRAFT: graph sets for widths %s within %.2f GiB (the free memory above %.0f GiB of "
+                        "headroom; %s graph state at context %d)", missing, budget / 2**30, HEADROOM_BYTES / 2**30,
+                        backend_name, context_len)
+        for width in missing:
+            buckets = plan[width]
             with get_spec().override(speculative_num_steps=max(width - 1, 1), speculative_num_draft_tokens=width):
-                saved = runner.init_new_workspace
-                try:
-                    backend = runner._get_attention_backend(init_new_workspace=True)
-                finally:
-                    runner.init_new_workspace = saved
+                backend = self._backend()
                 graphs = None
-                if capture:
-                    previous = runner.attn_backend
-                    runner.attn_backend = backend  # the capture plans its attention through the runner's backend
-                    try:
-                        graphs = DecodeCudaGraphRunner(runner, attn_backend=backend,
-                                                       speculative_num_steps=max(width - 1, 1),
-                                                       speculative_num_draft_tokens=width)
-                    finally:
-                        runner.attn_backend = previous
+                if buckets:
+                    config = with_phase(graph.cuda_graph_config, Phase.DECODE, bs=list(buckets))
+                    with graph.override(cuda_graph_config=config):
+                        graphs = self._capture(width, backend)
             self.sets[width] = GraphSet(width, backend, graphs)
-            logger.info("FLEXDRAFT: graph set for width %d built (%s)", width, "captured" if graphs else "eager")
+            logger.info("FLEXDRAFT: graph set for width %d %s", width,
+                        f"captured for batch sizes up to {buckets[-1]}" if buckets else "eager (no graphs)")
+
+    def _backend(self):
+        """A fresh attention backend for the current spec widths, on SGLang's shared workspace."""
+        runner = self.model_runner
+        saved = runner.init_new_workspace
+        try:
+            return runner._get_attention_backend(init_new_workspace=False)
+        finally:
+            runner.init_new_workspace = saved
+
+    def _capture(self, width: int, backend):
+        from sglang.srt.model_executor.runner import DecodeCudaGraphRunner
+
+        runner = self.model_runner
+        previous = runner.attn_backend
+        runner.attn_backend = backend  # the capture plans its attention through the runner's backend
+        try:
+            return DecodeCudaGraphRunner(runner, attn_backend=backend, speculative_num_steps=max(width - 1, 1),
+                                         speculative_num_draft_tokens=width)
+        finally:
+            runner.attn_backend = previous
 
     def activate(self, width: int) -> None:
         """Make the target's forwards run the set of this width (no-op when it is already active)."""

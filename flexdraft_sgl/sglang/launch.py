@@ -23,12 +23,24 @@ def has_gpu() -> bool:
 
 def default_server_args(model_path: str, max_total_tokens: int = 8192) -> list[str]:
     """Arguments every configuration shares: on a machine without a GPU, SGLang's CPU engine with the torch_native
-    attention backend in float32 (the only combination whose output is exactly the target's)."""
+    attention backend in float32 (the only combination whose output is exactly the target's); on a GPU, FLEXDRAFT's
+    own backend choice (`spec.mask_backends`) for every configuration, so plain and FLEXDRAFT runs compare the same
+    attention kernels (SGLang alone would give plain decoding fa3 on Hopper)."""
+    from .spec import mask_backends
+
     args = ["--model-path", str(model_path), "--max-total-tokens", str(max_total_tokens)]
     if not has_gpu():
-        args += ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-                 "--mem-fraction-static", "0.3"]
-    return args
+        return args + ["--device", "cpu", "--attention-backend", mask_backends("cpu")[0], "--dtype", "float32",
+                       "--mem-fraction-static", "0.3"]
+    return args + ["--attention-backend", mask_backends("cuda")[0]]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where two outputs differ (the shorter one's length if it is a prefix of the other),
+    or None when they are identical: how far a FLEXDRAFT output agrees with plain decoding."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def flexdraft_args(adapter_path: str) -> list[str]:

@@ -10,12 +10,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from ..patches import adapter_preflight, unsupported_requests, verify_graph_input
+    from ..patches import adapter_preflight, attention_backend_default, unsupported_requests, verify_graph_input
     from . import cpu
     from .spec import register_algorithm
 
     cpu.install()  # no-op on a machine with a GPU or a real sgl_kernel
     adapter_preflight.register_hooks()
+    attention_backend_default.register_hooks()
     unsupported_requests.register_hooks()
     verify_graph_input.register_hooks()
     register_algorithm()

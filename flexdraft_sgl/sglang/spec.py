@@ -12,6 +12,7 @@ SGLang process):
     FLEXDRAFT_VERIFY_LEN          verify exactly this many drafts per step (default: the adapter's confidence rule)
     FLEXDRAFT_VERIFY_RULE         cumulative_product | min_confidence (default: the adapter's)
     FLEXDRAFT_VERIFY_THRESHOLD    the rule's threshold (default: the adapter's)
+    FLEXDRAFT_PROFILE             append a step profile, one JSON line per decode step, to this file (`profile.py`)
 
 `--speculative-num-draft-tokens W` caps the verify forward at W rows (at most W-1 drafts); it defaults to B.
 """
@@ -30,10 +31,17 @@ logger = logging.getLogger(__name__)
 
 ALGORITHM = "FLEXDRAFT"
 MODES = ("parallel", "sequential", "flex")
-# Backends whose verify path honours a custom mask. fa3 and trtllm_mha run a plain causal chain for topk 1, and
-# the rest have no verify path at all; torch_native gets one from flexdraft_sgl.patches on machines without a GPU.
+# Backends whose TARGET_VERIFY path serves FLEXDRAFT's verify forwards, the default first: they take the width and
+# the causal chain from the verify input (state.FlexDraftVerifyInput, which carries no mask). fa3 and trtllm_mha run a
+# causal chain too but size it from their construction (flashattention_backend.py `speculative_num_draft_tokens`),
+# and the rest have no verify path; torch_native gets one from flexdraft_sgl.patches on machines without a GPU.
 MASK_BACKENDS_GPU = ("flashinfer", "triton")
 MASK_BACKENDS_CPU = ("torch_native",)
+
+
+def mask_backends(device: str) -> tuple[str, ...]:
+    """The attention backends FLEXDRAFT can verify with on SGLang's `--device`; the first is its default."""
+    return MASK_BACKENDS_CPU if device == "cpu" else MASK_BACKENDS_GPU
 
 
 @dataclass(frozen=True)
@@ -93,8 +101,8 @@ class FlexDraftSettings:
 
 def check_server_args(server_args) -> FlexDraftSettings:
     """Everything that can be refused before any process starts: the adapter against the target, the attention
-    backend, the verify width. Returns the resolved settings."""
-    import torch
+    backend, the verify width. Returns the resolved settings. An unnamed backend is FLEXDRAFT's default by now
+    (`patches/attention_backend_default.py`), so a refused one was named by the user."""
     from transformers import AutoConfig
 
     settings = FlexDraftSettings.resolve(server_args.speculative_draft_model_path,
@@ -102,13 +110,14 @@ def check_server_args(server_args) -> FlexDraftSettings:
     target = AutoConfig.from_pretrained(server_args.model_path, trust_remote_code=server_args.trust_remote_code)
     settings.adapter.check_target(TargetSpec.from_hf_config(target))
 
-    allowed = MASK_BACKENDS_GPU if torch.cuda.is_available() else MASK_BACKENDS_CPU
+    allowed = mask_backends(server_args.device)
     for flag in ("attention_backend", "decode_attention_backend", "prefill_attention_backend"):
         backend = getattr(server_args, flag, None)
         if backend is not None and backend not in allowed:
             raise ValueError(
-                f"FLEXDRAFT cannot use --{flag.replace('_', '-')} {backend}: its verify path ignores custom masks or "
-                f"has none. Attention backends that work on this machine: {', '.join(allowed)}"
+                f"FLEXDRAFT cannot use --{flag.replace('_', '-')} {backend}: its verify path does not serve "
+                f"FLEXDRAFT's verify forwards, or it has none. Attention backends that work on this machine: "
+                f"{', '.join(allowed)} (the first is FLEXDRAFT's choice when none is named)"
             )
     return settings
 
@@ -157,6 +166,9 @@ def register_algorithm() -> None:
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sglang.srt.speculative.spec_registry import _REGISTRY
 
+    from . import profile
+
+    profile.register_hooks()  # FLEXDRAFT_PROFILE also times plain SGLang's decode steps, for comparison
     if ALGORITHM in _REGISTRY:
         return
 

@@ -5,7 +5,7 @@ Per request the worker carries a bonus token (decided, not yet in the KV cache) 
 
   prefill      SGLang's own extend forward samples the first token t; the mask block after the prompt, calibrated
                with t, gives the drafts.
-  parallel     a TARGET_VERIFY forward of [bonus, d1..dv] (causal FULL_MASK from core.masks) decides the accepted
+  parallel     a TARGET_VERIFY forward of [bonus, d1..dv] (a causal chain: no mask is built) decides the accepted
                length a and the new bonus (core.acceptance: greedy, or speculative sampling with the same filters
                on target and draft); the block after the last accepted token, calibrated with the new bonus,
                gives the next drafts. Emits a+1 tokens.
@@ -13,7 +13,9 @@ Per request the worker carries a bonus token (decided, not yet in the KV cache) 
                after the bonus, calibrated with t, gives the drafts. Emits a+2 tokens.
   plain        (flex mode only) a one-row forward of the bonus; emits 1 token and keeps the drafts it has.
 Flex mode (FLEXDRAFT_MODE=flex) picks one of the three and the verify length per batch with `core.policy.plan_step`
-from the forward-cost table and the drafts' confidence. On a GPU every target forward runs from the CUDA graph set of
+from the forward-cost table and the drafts' confidence. The fixed modes verify what the confidence rule grants, capped
+by what acceptance measured per row supports (`core.confidence.measured_verify_len`), unless FLEXDRAFT_VERIFY_LEN
+fixes the length. On a GPU every target forward runs from the CUDA graph set of
 its width (`graphs.py`); verify lengths are rounded up to the sets' tiers.
 
 Mask blocks run only through the final N layers (`drafter.MaskBlockDrafter`), never through the lower layers, and
@@ -36,20 +38,25 @@ from torch import Tensor
 
 from ..adapter import FlexDraftAdapter
 from ..core.acceptance import greedy_verify, speculative_verify
-from ..core.confidence import expected_tokens, verify_lengths
-from ..core.layout import verify_layout
-from ..core.masks import full_mask
-from ..core.policy import AcceptanceTracker, ForwardCostTable, Mode, default_cost_table, plan_step
-from ..core.sampling import SamplingParams, draft_temperatures, draw, draw_drafts, filtered_probs
+from ..core.confidence import measured_verify_len, verify_lengths
+from ..core.policy import AcceptanceTracker, ForwardCostTable, Mode, default_cost_table, plan_step, row_outcomes
+from ..core.sampling import (SamplingParams, draft_temperatures, draw, draw_drafts, filtered_probs,
+                             greedy_rows)
 from .drafter import MaskBlockDrafter
 from .graphs import GraphSets, tier_for, verify_tiers, widths_for_mode
+from .profile import OFF, step_profile
 from .spec import FlexDraftSettings
-from .state import FlexDraftState, FlexDraftVerifyInput, one_hot
+from .state import FlexDraftState, FlexDraftVerifyInput
 
 logger = logging.getLogger(__name__)
 
+# Measured acceptance is summed on the device and read back every this many steps: one host sync for all of them.
+READBACK_STEPS = 16
+
 
 class FlexDraftWorker(BaseSpecWorker):
+    profile = OFF  # the step profile, set in __init__ when FLEXDRAFT_PROFILE asks for one
+
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__()
         self.server_args = server_args
@@ -70,21 +77,34 @@ class FlexDraftWorker(BaseSpecWorker):
         # Verify lengths a step may run: every one eagerly; the graph sets' tiers once graphs exist.
         self.verify_caps = tuple(range(1, self.settings.max_verify_len + 1))
         self._flex_mode: Mode | None = None
-        self.acceptance = AcceptanceTracker()  # flex: realized against predicted acceptance
+        self.acceptance = AcceptanceTracker(self.settings.max_verify_len)  # measured acceptance per draft row
+        self._outcomes: Tensor | None = None  # row_outcomes summed on the device since the last read-back
+        self._outcome_steps = self._outcome_requests = 0
+        self._verify_cap = self.settings.max_verify_len  # optimistic until measured
+        self.profile = step_profile(self.device)  # FLEXDRAFT_PROFILE: time each decode step's parts
 
     @property
     def draft_worker(self):
         return None
 
+    @property
+    def _tracking(self) -> bool:
+        """Measured acceptance is kept where a plan reads it: flex's scale, the confidence rule's cap."""
+        return self.settings.mode == "flex" or self.settings.verify_len is None
+
     def alloc_memory_pool(self, **kwargs):
         super().alloc_memory_pool(**kwargs)
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self.target_worker.get_memory_pool()
         self.drafter = MaskBlockDrafter(self.model_runner.model, self.adapter, self.model_runner.token_to_kv_pool,
-                                        self.req_to_token_pool.req_to_token)
+                                        self.req_to_token_pool.req_to_token, self.profile)
+        self.profile.wrap(self.drafter, "_lm_head", "lm_head")
 
     def init_cuda_graphs(self):
         """After SGLang captured its verify graphs at the widest width: the other widths this mode runs."""
         super().init_cuda_graphs()
+        # The attention backend exists by now: its per-forward planning (on CPU the verify patch's per-request masks
+        # and KV indices) is timed inside each forward.
+        self.profile.wrap(self.model_runner.attn_backend, "init_forward_metadata", "attn_metadata")
         if not str(self.device).startswith("cuda"):
             return
         fixed = self.settings.verify_len
@@ -99,7 +119,8 @@ class FlexDraftWorker(BaseSpecWorker):
         if batch.forward_mode.is_extend():
             result = self._prefill(batch)
         elif batch.forward_mode.is_decode():
-            result = self._decode(batch)
+            with self.profile.step(bs=len(batch.seq_lens)):
+                result = self._decode(batch)
         else:
             raise RuntimeError(f"FLEXDRAFT cannot run a {batch.forward_mode.name} batch (DP attention is unsupported)")
         if on_publish is not None:
@@ -117,14 +138,19 @@ class FlexDraftWorker(BaseSpecWorker):
     def _decode(self, batch) -> GenerationBatchResult:
         state: FlexDraftState = batch.spec_info
         params = _sampling_params(batch.sampling_info)
-        mode, v = self._plan(state)
+        prof = self.profile
+        with prof.section("plan"):
+            mode, v = self._plan(state)
+        prof.note(mode=mode.value, width=v + 1)
         committed = batch.seq_lens
         drafts = state.drafts[:, :v]
-        tokens = torch.cat([state.bonus[:, None], drafts], 1)
-        logits, verify_result = self._forward_rows(batch, committed, tokens)
-        accepted, bonus = self._accept(drafts, state, logits, params, batch.sampling_info.is_all_greedy)
-        if self.settings.mode == "flex":  # only flex plans with it: fixed modes keep the two host syncs off their path
-            self._track_acceptance(mode, state, accepted, v)
+        with prof.section("verify"):
+            tokens = torch.cat([state.bonus[:, None], drafts], 1)
+            logits, verify_result = self._forward_rows(batch, committed, tokens)
+        with prof.section("acceptance"):
+            accepted, bonus = self._accept(drafts, state, logits, params)
+        if self._tracking:
+            self._track(mode, state.draft_top[:, :v], accepted)
 
         bs, stride = len(committed), self.block_size + 1
         out = torch.zeros(bs, stride, dtype=torch.long, device=committed.device)
@@ -132,11 +158,16 @@ class FlexDraftWorker(BaseSpecWorker):
         rows = torch.arange(bs, device=committed.device)
         out[rows, accepted] = bonus
         lens = committed + accepted.to(committed.dtype) + 1  # c0..ca are now committed
-        logits_per_token = [logits]  # the logits each emitted token was drawn from, for logprobs
+        # The logits each emitted token was drawn from, for logprobs. A second forward overwrites a graph's logits
+        # (every DecodeCudaGraphRunner writes the one GraphSharedOutput buffer), so they are kept first.
+        second_forward = mode is Mode.SEQUENTIAL
+        logits_per_token = [logits.clone() if batch.return_logprob and second_forward else logits]
         emitted, resolved = accepted + 1, bonus
-        if mode is Mode.SEQUENTIAL:  # push the bonus through the target for one exact token
-            bonus_logits, _ = self._forward_rows(batch, lens, bonus[:, None])
-            resolved = draw(bonus_logits[:, 0], params, self.generator, batch.sampling_info.is_all_greedy)
+        if second_forward:  # push the bonus through the target for one exact token
+            with prof.section("bonus"):
+                bonus_logits, _ = self._forward_rows(batch, lens, bonus[:, None])
+                with prof.section("sample"):
+                    resolved = draw(bonus_logits[:, 0], params, self.generator, batch.sampling_info.is_all_greedy)
             out[rows, accepted + 1] = resolved
             logits_per_token.append(bonus_logits)
             lens = lens + 1
@@ -144,7 +175,7 @@ class FlexDraftWorker(BaseSpecWorker):
         if batch.return_logprob:
             _attach_logprobs(batch, verify_result.logits_output, logits_per_token, accepted, out)
         if mode is Mode.PLAIN:  # no drafting: the drafts wait for a step that verifies them (still lossless)
-            next_state = FlexDraftState(bonus, state.drafts, state.draft_top, state.draft_probs)
+            next_state = FlexDraftState(bonus, state.drafts, state.draft_top, state.sampled, state.draft_probs)
         else:
             next_state = self._draft(batch.req_pool_indices, lens, resolved, batch.sampling_info)
         return GenerationBatchResult(
@@ -162,13 +193,16 @@ class FlexDraftWorker(BaseSpecWorker):
     # ---- pieces ------------------------------------------------------------------------------------------------
     def _plan(self, state: FlexDraftState) -> tuple[Mode, int]:
         """This step's mode and its one verify length (SGLang's verify forward is uniform per request): the fixed
-        mode with the fixed length or the longest the confidence rule grants any request; or flex's plan."""
+        mode with the fixed length, or the longest the confidence rule grants any request within the cap measured
+        acceptance supports; or flex's plan."""
         if self.settings.mode != "flex":
             if self.settings.verify_len is not None:
                 v = self.settings.verify_len
             else:
-                v = int(verify_lengths(state.draft_top, self.settings.verify_rule, self.settings.verify_threshold,
-                                       max_len=self.settings.max_verify_len).max())
+                lens = verify_lengths(state.draft_top, self.settings.verify_rule, self.settings.verify_threshold,
+                                      max_len=self.settings.max_verify_len)
+                with self.profile.section("host_sync"):
+                    v = min(int(lens.max()), self._verify_cap)
             return Mode(self.settings.mode), tier_for(v, self.verify_caps)
         cfg = self.adapter.config
         caps = (self.settings.verify_len,) if self.settings.verify_len is not None else self.verify_caps
@@ -183,61 +217,97 @@ class FlexDraftWorker(BaseSpecWorker):
                         ", ".join(f"{m.value} {r:.3g}" for m, r in plan.predicted.items()), self.acceptance.scale)
         return plan.mode, int(plan.verify_lens.max())
 
-    def _track_acceptance(self, mode: Mode, state: FlexDraftState, accepted: Tensor, v: int) -> None:
-        if mode is Mode.PLAIN:
+    def _track(self, mode: Mode, top: Tensor, accepted: Tensor) -> None:
+        """Measured acceptance of this step's verified drafts (`top`: their confidence), summed on the device and
+        read back every READBACK_STEPS steps, when the fixed modes' cap follows it."""
+        if mode is Mode.PLAIN:  # flex: nothing verified
             self.acceptance.idle()
             return
-        predicted = expected_tokens(state.draft_top[:, :v].double(), torch.full_like(accepted, v)) - 1
-        self.acceptance.observe(float(accepted.sum()), float(predicted.sum()))
+        outcomes = row_outcomes(accepted, top, self.settings.max_verify_len)
+        self._outcomes = outcomes if self._outcomes is None else self._outcomes.add_(outcomes)
+        self._outcome_steps += 1
+        self._outcome_requests += len(accepted)
+        if self._outcome_steps < READBACK_STEPS:
+            return
+        with self.profile.section("host_sync"):
+            outcomes = self._outcomes.cpu()
+        self.acceptance.observe(outcomes, self._outcome_requests)
+        self._outcomes, self._outcome_steps, self._outcome_requests = None, 0, 0
+        if self.settings.mode == "flex":  # flex reads the scale
+            return
+        rates = self.acceptance.rates
+        cap = measured_verify_len(rates, self.settings.verify_rule, self.settings.verify_threshold, self._verify_cap)
+        if cap != self._verify_cap:  # logged on change only
+            logger.info("FLEXDRAFT: verify length capped at %d of %d drafts by measured acceptance (per row: %s)",
+                        cap, self.settings.max_verify_len, " ".join(f"{r:.2f}" for r in rates.tolist()))
+            self._verify_cap = cap
 
     def _forward_rows(self, batch, prefix_lens: Tensor, tokens: Tensor):
-        """A TARGET_VERIFY forward of `tokens` [bs, W] at positions prefix_lens.. under a causal mask; their K/V go
-        to the request's window after prefix_lens. Returns logits [bs, W, V] and the target worker's result."""
+        """A TARGET_VERIFY forward of `tokens` [bs, W] at positions prefix_lens.. as a causal chain after each
+        request's prefix (no custom mask: see FlexDraftVerifyInput); their K/V go to the request's window after
+        prefix_lens. Returns logits [bs, W, V] (under CUDA graphs a view of the buffer all graph runners share,
+        valid until the next target forward) and the target worker's result."""
         bs, width = tokens.shape
-        if self.graphs is not None:
-            self.graphs.activate(width)
-        prefix = prefix_lens.to(torch.long)
-        positions = prefix[:, None] + torch.arange(width, device=prefix.device)
-        req_to_token = self.req_to_token_pool.req_to_token
-        out_cache_loc = req_to_token[batch.req_pool_indices.long()[:, None], positions].to(torch.int64)
-        mask = full_mask(verify_layout(prefix.cpu(), [width - 1] * bs, self.block_size)).to(tokens.device)
-        spec_info = FlexDraftVerifyInput(tokens.reshape(-1), mask, positions.reshape(-1), width)
-        forward_batch = ForwardBatch(
-            forward_mode=ForwardMode.TARGET_VERIFY,
-            batch_size=bs,
-            input_ids=tokens.reshape(-1),
-            req_pool_indices=batch.req_pool_indices,
-            seq_lens=prefix_lens,
-            out_cache_loc=out_cache_loc.reshape(-1),
-            seq_lens_sum=int(prefix.sum()),
-            seq_lens_cpu=prefix.cpu(),
-            positions=positions.reshape(-1),
-            spec_algorithm=batch.spec_algorithm,
-            spec_info=spec_info,
-            capture_hidden_mode=CaptureHiddenMode.NULL,
-            return_hidden_states_before_norm=False,
-        )
-        self.model_runner.kv_index_translator.bind_own_plan(forward_batch)
-        result = self.target_worker.forward_batch_generation(batch=None, forward_batch=forward_batch,
-                                                             is_verify=True)
+        prof = self.profile
+        with prof.section("batch"):
+            # The one host copy: SGLang's attention planning reads host lengths (and syncs for its own plan anyway).
+            with prof.section("host_sync"):
+                prefix_lens_cpu = prefix_lens.cpu()
+            if self.graphs is not None:
+                self.graphs.activate(width)
+            prefix = prefix_lens.to(torch.long)
+            positions = prefix[:, None] + torch.arange(width, device=prefix.device)
+            req_to_token = self.req_to_token_pool.req_to_token
+            out_cache_loc = req_to_token[batch.req_pool_indices.long()[:, None], positions].to(torch.int64)
+            spec_info = FlexDraftVerifyInput(tokens.reshape(-1), positions.reshape(-1), width)
+            forward_batch = ForwardBatch(
+                forward_mode=ForwardMode.TARGET_VERIFY,
+                batch_size=bs,
+                input_ids=tokens.reshape(-1),
+                req_pool_indices=batch.req_pool_indices,
+                seq_lens=prefix_lens,
+                out_cache_loc=out_cache_loc.reshape(-1),
+                seq_lens_sum=int(prefix_lens_cpu.sum()),
+                seq_lens_cpu=prefix_lens_cpu,
+                positions=positions.reshape(-1),
+                spec_algorithm=batch.spec_algorithm,
+                spec_info=spec_info,
+                capture_hidden_mode=CaptureHiddenMode.NULL,
+                return_hidden_states_before_norm=False,
+            )
+            self.model_runner.kv_index_translator.bind_own_plan(forward_batch)
+        with prof.section("forward"):
+            result = self.target_worker.forward_batch_generation(batch=None, forward_batch=forward_batch,
+                                                                 is_verify=True)
         return result.logits_output.next_token_logits.view(bs, width, -1), result
 
-    def _accept(self, drafts, state: FlexDraftState, logits, params, all_greedy: bool):
+    def _accept(self, drafts, state: FlexDraftState, logits, params) -> tuple[Tensor, Tensor]:
+        """Greedy requests accept by argmax; sampling requests (`state.sampled`) by speculative sampling against
+        their kept draft distributions, with V-sized target distributions for their rows only."""
         verify = torch.full((len(drafts),), drafts.shape[1], device=drafts.device)
-        if all_greedy:
-            return greedy_verify(drafts, logits.argmax(-1), verify)
-        q = state.draft_probs
-        if q is None:  # drafted while every request was greedy
-            q = one_hot(state.drafts, logits.shape[-1], torch.float32)
-        return speculative_verify(drafts, q[:, : drafts.shape[1]], filtered_probs(logits, params), verify,
-                                  self.generator)
+        accepted, bonus = greedy_verify(drafts, logits.argmax(-1), verify)
+        rows = state.sampled.nonzero().squeeze(1) if state.sampled is not None else ()
+        if not len(rows):
+            return accepted, bonus
+        p = filtered_probs(logits[rows], params.select(rows))
+        accepted[rows], bonus[rows] = speculative_verify(drafts[rows], state.draft_probs[:, : drafts.shape[1]], p,
+                                                         verify[rows], self.generator)
+        return accepted, bonus
 
     def _draft(self, req_pool_indices, committed_lens, bonus, sampling_info) -> FlexDraftState:
         params, greedy = _sampling_params(sampling_info), sampling_info.is_all_greedy
-        calibrated = self.drafter.calibrated_drafts(req_pool_indices, committed_lens, bonus,
-                                                    draft_temperatures(params, greedy))
-        drafts, probs, top = draw_drafts(calibrated, params, self.generator, greedy)
-        return FlexDraftState(bonus, drafts, top, probs)
+        with self.profile.section("mask_block"):
+            calibrated = self.drafter.calibrated_drafts(req_pool_indices, committed_lens, bonus,
+                                                        draft_temperatures(params, greedy))
+        if greedy:
+            return FlexDraftState(bonus, calibrated.tokens, calibrated.top)
+        # Only sampling requests draw their drafts and keep the distribution (a greedy draft is the argmax).
+        with self.profile.section("draft_sampling"):
+            sampled = ~greedy_rows(params)
+            rows = sampled.nonzero().squeeze(1)
+            drafts = calibrated.tokens.clone()
+            drafts[rows], probs, _ = draw_drafts(calibrated.select(rows), params.select(rows), self.generator, False)
+        return FlexDraftState(bonus, drafts, calibrated.top, sampled, probs)
 
 
 def _attach_logprobs(batch, logits_output, logits_per_token: list[Tensor], accepted: Tensor, out: Tensor) -> None:
