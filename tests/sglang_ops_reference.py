@@ -3,7 +3,11 @@ on CPU (TRITON_INTERPRET=1), on random inputs. Run as a script; prints {op: erro
 
 Inputs follow SGLang's producers: EAGLE draft trees come from the same top-k expansion and `organize_draft_results`
 as `eagle_worker`, NGRAM masks from random trees. The KV row copy has no interpretable Triton kernel (it takes raw
-pointers), so it is compared with SGLang's `move_kv_cache_native`.
+pointers), so it is compared with SGLang's `move_kv_cache_native`. The top-k / top-p renormalisations are compared with
+SGLang's Triton fallback for them (`renorm_triton`, which otherwise insists on a GPU tensor), and the KV slots each
+EAGLE draft step reads on torch_native (`patches/eagle_torch_native_draft.py`) with SGLang's own
+`generate_draft_decode_kv_indices`. `tree_speculative_sampling_target_only` has no Triton kernel (CUDA only): it is
+checked against the target distribution in test_sglang_eagle_cpu.py.
 """
 
 import os
@@ -17,11 +21,13 @@ import traceback
 
 import torch
 
+from flexdraft_sgl.patches.eagle_torch_native_draft import draft_kv_indices
 from flexdraft_sgl.sglang.cpu import SHIM_DIR
 
 sys.path.insert(0, str(SHIM_DIR))  # reconstruct_tree.py imports sgl_kernel.speculative on a machine without CUDA
 
 import sgl_kernel as shim  # noqa: E402
+from sglang.kernels.ops.sampling import renorm_triton  # noqa: E402
 from sglang.kernels.ops.speculative import (  # noqa: E402
     cache_locs, eagle, multi_layer_eagle, reconstruct_tree, spec_tree,
 )
@@ -195,6 +201,41 @@ def check_reconstruct_indices_from_tree_mask(g):
     same("reconstruct_indices_from_tree_mask", *outs)
 
 
+def close(name, ours, ref):
+    """Same support, same values up to the rounding of the normalising sums."""
+    if not torch.equal(ours > 0, ref > 0) or not torch.allclose(ours, ref, atol=1e-6):
+        raise AssertionError(f"{name} differs\nshim:   {ours.tolist()}\ntriton: {ref.tolist()}")
+
+
+def check_top_k_renorm_prob(g):
+    probs = (torch.rand(5, 37, generator=g) * 4).softmax(-1)  # no ties: the rules agree exactly
+    top_k = torch.randint(1, 40, (5,), generator=g)
+    ref = renorm_triton.top_k_renorm_probs_triton(probs, top_k)
+    close("top_k_renorm_prob", shim.top_k_renorm_prob(probs, top_k), ref)
+
+
+def check_top_p_renorm_prob(g):
+    probs = (torch.rand(5, 37, generator=g) * 4).softmax(-1)
+    top_p = torch.rand(5, generator=g).clamp(min=0.05)
+    ref = renorm_triton.top_p_renorm_probs_triton(probs, top_p)
+    close("top_p_renorm_prob", shim.top_p_renorm_prob(probs, top_p), ref)
+
+
+def check_draft_kv_indices(g):
+    req_to_token, rpi, bs = pool(g)
+    topk, steps = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+    seq_lens = torch.randint(1, req_to_token.shape[1] - topk * steps, (bs,), generator=g)
+    kv_indices = torch.full((steps, int(seq_lens.sum() + bs * steps) * topk), -1)
+    kv_indptr = torch.zeros((steps, bs * topk + 1), dtype=torch.int32)
+    cache_locs.generate_draft_decode_kv_indices[(steps, bs, topk)](
+        rpi, req_to_token, seq_lens, kv_indices, kv_indptr, seq_lens.repeat_interleave(topk), req_to_token.shape[1],
+        kv_indices.shape[1], kv_indptr.shape[1], next_power_of_2(bs), next_power_of_2(steps),
+        next_power_of_2(bs * topk), 1)
+    for step in range(steps - 1):  # the last step runs no forward
+        slots, valid = draft_kv_indices(req_to_token, rpi, seq_lens, topk, steps, step)
+        same(f"draft_kv_indices (step {step})", [slots[valid]], [kv_indices[step, : int(valid.sum())]])
+
+
 def check_copy_all_layer_kv_cache(g):
     buffers = [torch.randn(30, 2, 4, generator=g) for _ in range(4)] + [torch.randn(30, 3, generator=g).half()]
     src, tgt = torch.randperm(30, generator=g)[:7], torch.randperm(30, generator=g)[:7]
@@ -209,6 +250,7 @@ def check_copy_all_layer_kv_cache(g):
 
 def main():
     results = {}
+    renorm_triton._prepare_probs = lambda probs: probs.float().contiguous()  # its kernels interpret fine on CPU
     for name, check in sorted((k[len("check_"):], v) for k, v in globals().items() if k.startswith("check_")):
         g = torch.Generator().manual_seed(0)
         try:

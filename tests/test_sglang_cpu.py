@@ -1,7 +1,7 @@
-"""SGLang 0.5.23 on a machine without a GPU through flexdraft_sgl.sglang.cpu: the pure-torch sgl_kernel ops equal
-SGLang's Triton kernels, install() reaches spawned children and never shadows a real sgl_kernel, plain SGLang greedy
-equals Hugging Face greedy, and SGLang's own NGRAM speculative decoding (which needs the torch_native verify hooks)
-gives exactly the non-speculative output."""
+"""SGLang 0.5.23 on a machine without a GPU through flexdraft_sgl.sglang.cpu: the pure-torch sgl_kernel ops (and the KV
+slots EAGLE draft steps read on torch_native) equal SGLang's Triton kernels, install() reaches spawned children,
+registers its hooks and never shadows a real sgl_kernel, plain SGLang greedy equals Hugging Face greedy, and SGLang's
+own NGRAM speculative decoding (which needs the torch_native verify hooks) gives exactly the non-speculative output."""
 
 from __future__ import annotations
 
@@ -45,7 +45,12 @@ def triton_comparison():
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("op", sorted(name for name in shim.__all__ if name != "copy_all_layer_kv_cache_cpu"))
+# Compared otherwise: the KV row copy with SGLang's native move (below), the tree sampling (CUDA only) with the target
+# distribution (test_sglang_eagle_cpu.py).
+NO_TRITON_KERNEL = {"copy_all_layer_kv_cache_cpu", "tree_speculative_sampling_target_only"}
+
+
+@pytest.mark.parametrize("op", sorted(set(shim.__all__) - NO_TRITON_KERNEL))
 def test_shim_op_equals_sglang_triton_kernel(triton_comparison, op):
     name = op.removesuffix("_cpu")
     assert name in triton_comparison, f"{op} is not compared"
@@ -54,6 +59,11 @@ def test_shim_op_equals_sglang_triton_kernel(triton_comparison, op):
 
 def test_shim_kv_copy_equals_sglang_native_move(triton_comparison):
     assert triton_comparison["copy_all_layer_kv_cache"] is None, triton_comparison["copy_all_layer_kv_cache"]
+
+
+def test_eagle_draft_steps_read_the_kv_of_sglang_triton_kernel(triton_comparison):
+    """patches/eagle_torch_native_draft.py: every draft step reads the slots SGLang's multi-step backends read."""
+    assert triton_comparison["draft_kv_indices"] is None, triton_comparison["draft_kv_indices"]
 
 
 def test_shim_bookkeeping_by_hand():
@@ -146,6 +156,7 @@ sys.path.insert(0, {broken!r})  # an sgl_kernel that fails to import, like the C
 from flexdraft_sgl.sglang import cpu
 from sglang.srt.plugins.hook_registry import HookRegistry
 first, second = cpu.install(), cpu.install()
+from sglang.srt.speculative import eagle_utils
 import sgl_kernel
 ctx = multiprocessing.get_context("spawn")  # as SGLang starts its scheduler and detokenizer
 with ctx.Pool(1) as pool:
@@ -156,7 +167,8 @@ print(json.dumps(dict(installed=[first, second], here=sgl_kernel.__file__, spawn
                       path_count=sys.path.count(str(cpu.SHIM_DIR)),
                       pythonpath=os.environ["PYTHONPATH"].split(os.pathsep).count(str(cpu.SHIM_DIR)),
                       cpu_engine=os.environ.get("SGLANG_USE_CPU_ENGINE"),
-                      hooks=sorted(t.rsplit(".", 1)[1] for t in HookRegistry._hooks if "TorchNativeAttnBackend" in t))))
+                      hooks=sorted(".".join(t.split(".")[-2:]) for t in HookRegistry._hooks),
+                      tree_sampling=eagle_utils.tree_speculative_sampling_target_only.__module__)))
 """
 
 
@@ -174,7 +186,9 @@ def test_install_reaches_spawned_children_and_replaces_a_broken_sgl_kernel(tmp_p
     assert got["here"] == got["spawned"] == got["plain"] == shim_file
     assert got["path_count"] == got["pythonpath"] == 1
     assert got["cpu_engine"] == "1"
-    assert got["hooks"] == ["forward_extend", "init_forward_metadata"]
+    assert got["hooks"] == ["DraftBackendFactory._create_backend", "TorchNativeAttnBackend.forward_extend",
+                            "TorchNativeAttnBackend.init_forward_metadata", "eagle_utils._verify_uses_greedy"]
+    assert got["tree_sampling"] == "sgl_kernel.speculative"  # the shim's, bound into SGLang's verify
 
 
 # ---------------------------------------------------------------------------------------------------------------------

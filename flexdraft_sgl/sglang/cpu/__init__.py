@@ -58,7 +58,8 @@ def install() -> bool:
       process). An explicit value, such as 0, is respected;
     - leaves `SGLANG_NATIVE_MOVE_KV_CACHE` alone: the shim's `copy_all_layer_kv_cache_cpu` does the same row copy;
     - registers the TARGET_VERIFY hooks on the torch_native attention backend (`flexdraft_sgl.patches.
-      torch_native_verify`), which `load_plugins()` applies after the plugins ran.
+      torch_native_verify`), the EAGLE draft backends for it (`eagle_torch_native_draft`) and sampled EAGLE-family
+      verification (`eagle_cpu_sampling`), which `load_plugins()` applies after the plugins ran.
 
     One case is beyond any plugin: with `SGLANG_USE_CPU_ENGINE=1` already set when a script imports
     `sglang.srt.entrypoints.engine` (which `sglang.Engine(...)` does before it loads plugins), SGLang imports
@@ -73,7 +74,9 @@ def install() -> bool:
     _prepend_path(str(SHIM_DIR))
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
-    from ...patches.torch_native_verify import register_hooks
+    from ...patches import eagle_cpu_sampling, eagle_torch_native_draft, torch_native_verify
 
-    register_hooks()
+    torch_native_verify.register_hooks()
+    eagle_torch_native_draft.register_hooks()
+    eagle_cpu_sampling.register_hooks()
     return True

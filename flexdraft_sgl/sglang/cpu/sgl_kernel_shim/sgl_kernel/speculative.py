@@ -168,3 +168,64 @@ def reconstruct_indices_from_tree_mask(tree_mask, verified_seq_len, positions, r
     same = (parent[:, :, None] == parent[:, None, :]) & later  # [b, k, t]
     sibling = torch.where(same, idx[:, None], n).min(1).values  # [b, t]
     retrive_next_sibling.view(batch_size, n)[:] = torch.where((parent >= 0) & (sibling < n), sibling, -1)
+
+
+def _sample_residual(residual: torch.Tensor, coin: float) -> int:
+    """Inverse-CDF draw from unnormalised weights with a [0, 1) coin; when rounding leaves the coin past the total,
+    the last token with weight (or the last token), as in FlashInfer's DeviceSamplingFromProb."""
+    cdf = residual.cumsum(0)
+    hit = (cdf > coin * float(cdf[-1])).nonzero()
+    if len(hit):
+        return int(hit[0])
+    valid = (residual > 0).nonzero()
+    return int(valid[-1]) if len(valid) else residual.numel() - 1
+
+
+def tree_speculative_sampling_target_only(predicts, accept_index, accept_token_num, candidates, retrive_index,
+                                          retrive_next_token, retrive_next_sibling, uniform_samples,
+                                          uniform_samples_for_final_sampling, target_probs, draft_probs,
+                                          threshold_single: float = 1.0, threshold_acc: float = 1.0,
+                                          deterministic: bool = True):
+    """Speculative sampling over a draft tree whose drafts carry no probabilities (SGLang's CUDA kernel
+    `TreeSpeculativeSamplingTargetOnly`, sglang/kernels/jit/include/sgl_kernel/speculative/sampling.cuh).
+
+    At each accepted node the children are tried in sibling order with one coin u: the k-th child is accepted when
+    u < p(c_1) + ... + p(c_k) under the node's target distribution p, i.e. when an inverse-CDF draw from p that
+    lists the children first lands on it. Rejected children get draft_probs = p, so the final token is drawn from
+    relu(p - draft_probs) at the last accepted node: p without the rejected children. Every emitted token thus
+    follows the target distribution exactly (with the default thresholds of 1 and siblings carrying distinct tokens,
+    as EAGLE's top-k and NGRAM's trie give them). Outputs as verify_tree_greedy_cpu;
+    draft_probs is scratch space, modified in place. `deterministic` is part of the op's signature; this version is
+    deterministic given the coins either way."""
+    bs, num_draft = candidates.shape
+    num_steps = accept_index.shape[1]
+    probs = target_probs.reshape(bs * num_draft, -1)
+    scratch = draft_probs.reshape(bs * num_draft, -1)
+    cand, index = candidates.tolist(), retrive_index.tolist()
+    next_token, next_sibling = retrive_next_token.tolist(), retrive_next_sibling.tolist()
+    coins, final_coins = uniform_samples.tolist(), uniform_samples_for_final_sampling.tolist()
+    for b in range(bs):
+        row, coin, mass = b * num_draft, coins[b][0], 0.0
+        last = index[b][0]
+        accept_index[b, 0] = last
+        accepted, cur = 0, 0
+        for _ in range(1, num_steps):
+            cur = next_token[b][cur]
+            while cur != -1:
+                token = cand[b][cur]
+                p = float(probs[row, token])
+                mass += p
+                if p > 0 and (coin < mass / threshold_acc or p >= threshold_single):
+                    row, coin, mass = b * num_draft + cur, coins[b][cur], 0.0
+                    predicts[last] = token
+                    accepted += 1
+                    accept_index[b, accepted] = index[b][cur]
+                    last = index[b][cur]
+                    break
+                scratch[row, token] = probs[row, token]
+                cur = next_sibling[b][cur]
+            if cur == -1:
+                break
+        accept_token_num[b] = accepted
+        residual = probs[row] if accepted == num_steps - 1 else (probs[row] - scratch[row]).clamp(min=0)
+        predicts[last] = _sample_residual(residual, final_coins[b])
