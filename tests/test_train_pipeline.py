@@ -197,7 +197,7 @@ def test_a_run_can_start_from_a_trained_adapter(tmp_path):
     before, after = first.adapter.state_dict(), second.adapter.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("calibration."))
     assert not torch.equal(after["calibration.down.weight"], before["calibration.down.weight"])
-    with pytest.raises(ValueError, match="B=4"):
+    with pytest.raises(ValueError, match="'block_size': 4"):
         Trainer(model, None, samples, tmp_path / "third", TrainConfig(
             tuned_depth=1, block_size=6, calibration_rank=8, steps=1, init_adapter=str(tmp_path / "adapter")),
             progress=False)
