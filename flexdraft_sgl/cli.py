@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys
@@ -179,7 +178,7 @@ def cmd_train(args) -> int:
     import torch
 
     from .train.data import load_samples
-    from .train.trainer import Trainer, TrainConfig
+    from .train.trainer import Trainer, TrainConfig, train_summary
 
     torch.manual_seed(args.seed)
     model, tokenizer, path = _load_target(args)
@@ -201,17 +200,41 @@ def cmd_train(args) -> int:
         print(f"resuming from step {trainer.step} of {config.total_steps}", file=sys.stderr)
     adapter = trainer.run(snapshot_steps=tuple(int(k) for k in args.snapshot_steps.split(",") if k))
     folder = adapter.save(Path(args.out) / "adapter", dtype=getattr(torch, args.save_dtype))
-    tail = trainer.losses[-100:]
-    summary = {
-        "command": " ".join(["flexdraft", *sys.argv[1:]]),
-        "config": dataclasses.asdict(config), "samples": len(samples),
-        "sequence_tokens": sum(len(x) for x in trainer.sequences),
-        "response_tokens": sum(len(s.response_ids) for s in samples),
-        "train_seconds": round(trainer.seconds, 1), "first_loss": trainer.losses[0] if trainer.losses else None,
-        "final_loss_mean_last_100": sum(tail) / len(tail) if tail else None,
-    }
+    summary = train_summary(config, samples, trainer.sequences, trainer.losses, trainer.seconds)
     (Path(args.out) / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"trained adapter written to {folder}; final loss (mean of the last {len(tail)} steps) "
+    print(f"trained adapter written to {folder}; final loss (mean of the last {min(len(trainer.losses), 100)} steps) "
+          f"{summary['final_loss_mean_last_100']:.4f}, {trainer.seconds / 60:.1f} min of training")
+    return 0
+
+
+def cmd_train_eagle3(args) -> int:
+    import torch
+
+    from .eagle3.train import Eagle3Trainer, Eagle3TrainConfig
+    from .train.data import load_samples
+    from .train.trainer import train_summary
+
+    torch.manual_seed(args.seed)
+    model, _, path = _load_target(args)
+    samples = load_samples(args.data)
+    if args.max_samples:
+        samples = samples[: args.max_samples]
+    config = Eagle3TrainConfig(
+        steps=args.steps, sequences_per_step=args.sequences_per_step, max_length=args.max_length,
+        ttt_steps=args.ttt_steps, draft_vocab=args.draft_vocab, lr=args.lr, warmup_steps=args.warmup,
+        loss_decay=args.loss_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        aux_layer_ids=tuple(int(i) for i in args.aux_layers.split(",")) if args.aux_layers else None,
+    )
+    trainer = Eagle3Trainer(model, samples, args.out, config)
+    if trainer.step:
+        print(f"resuming from step {trainer.step} of {config.steps}", file=sys.stderr)
+    draft = trainer.run()
+    folder = draft.save(Path(args.out) / "eagle3", dtype=getattr(torch, args.save_dtype))
+    summary = train_summary(config, samples, trainer.sequences, trainer.losses, trainer.seconds, target=path,
+                            captured_target_layers=draft.captured)
+    (Path(args.out) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"EAGLE-3 head written to {folder} (serve: --speculative-algorithm EAGLE3 --speculative-draft-model-path "
+          f"{folder}); final loss (mean of the last {min(len(trainer.losses), 100)} steps) "
           f"{summary['final_loss_mean_last_100']:.4f}, {trainer.seconds / 60:.1f} min of training")
     return 0
 
@@ -456,6 +479,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "OUT/snapshots/step-N (for curves against training length)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-eagle3", help="train an EAGLE-3 head (SGLang's EAGLE3 baseline) on the same data",
+                       description="Train an EAGLE-3 draft head for a Llama target on self-distillation data (see "
+                                   "prepare-data): fused features of three target layers, training-time test over "
+                                   "--ttt-steps draft steps, a frequency-based draft vocabulary. Checkpoints every "
+                                   "--checkpoint-every steps; rerun the same command to resume. Writes OUT/eagle3, "
+                                   "the checkpoint SGLang's --speculative-algorithm EAGLE3 loads.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="folder written by `flexdraft prepare-data`")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, logs, cached target features, eagle3/)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--sequences-per-step", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512, help="tokens per training sequence")
+    p.add_argument("--max-samples", type=int, default=0, help="use only the first N samples (0: all)")
+    p.add_argument("--ttt-steps", type=int, default=3, help="draft steps unrolled in training (training-time test)")
+    p.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft vocabulary: the N most frequent response tokens (SmolLM2's answers use about 7.5k)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--loss-decay", type=float, default=0.8, help="weight of draft step k: decay ** k")
+    p.add_argument("--aux-layers", default="", help="comma-separated target layers whose outputs the head reads "
+                                                     "(default: SGLang's, the inputs of layers 2, L/2, L-3)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_train_eagle3)
 
     p = sub.add_parser("eval", help="FLEXDRAFT against plain decoding, NGRAM (and EAGLE3/DFLASH) served by SGLang",
                        description="Start a fresh SGLang server per configuration and measure output tokens/s, TPOT, "

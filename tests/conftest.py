@@ -43,9 +43,11 @@ def randomize(adapter: FlexDraftAdapter, seed: int = 0, scale: float = 0.3) -> F
     return adapter
 
 
-def random_adapter(model, *, tuned_depth=2, block_size=4, rank=16, seed=0, scale=0.3, tokenizer=None):
+def random_adapter(model, *, tuned_depth=2, block_size=4, rank=16, seed=0, scale=0.3, tokenizer=None,
+                   calibration_form="logits", calibration_input="unit-rms"):
     adapter = FlexDraftAdapter.init_from_target(model, tuned_depth=tuned_depth, block_size=block_size,
-                                                calibration_rank=rank, tokenizer=tokenizer)
+                                                calibration_rank=rank, calibration_form=calibration_form,
+                                                calibration_input=calibration_input, tokenizer=tokenizer)
     return randomize(adapter, seed=seed, scale=scale)
 
 

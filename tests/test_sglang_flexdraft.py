@@ -22,12 +22,16 @@ ACCEPT_LENGTH_FLOOR = {"parallel": 1.12, "sequential": 2.14, "demo": 1.05}
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_setup(tmp_root: str, arch: str = "llama"):
-    """A 16-token random target (random drafts get accepted often enough) and a random adapter, as folders."""
+def tiny_setup(tmp_root: str, arch: str = "llama", calibration: str = "logits/unit-rms"):
+    """A 16-token random target (random drafts get accepted often enough) and a random adapter, as folders;
+    `calibration` is the adapter's calibration form and input scaling."""
     model = tiny_target(arch, vocab=16, seed=3)
     model.save_pretrained(f"{tmp_root}/{arch}")
-    random_adapter(model, tuned_depth=2, block_size=6, seed=5).save(f"{tmp_root}/{arch}-adapter")
-    return model, f"{tmp_root}/{arch}", f"{tmp_root}/{arch}-adapter"
+    form, scaling = calibration.split("/")
+    adapter_dir = f"{tmp_root}/{arch}-{form}-{scaling}-adapter"
+    random_adapter(model, tuned_depth=2, block_size=6, seed=5, calibration_form=form,
+                   calibration_input=scaling).save(adapter_dir)
+    return model, f"{tmp_root}/{arch}", adapter_dir
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +57,13 @@ def plain_outputs(model_dir: str, prompts: tuple):
         return [o["output_ids"] for o in generate_all(server, list(prompts), ignore_eos=True)]
 
 
-@pytest.mark.parametrize("arch, mode", [("llama", "parallel"), ("llama", "sequential"), ("qwen2", "parallel"),
-                                        ("qwen3", "sequential")])
-def test_tiny_greedy_equals_plain_sglang_and_the_reference_engine(tiny_root, arch, mode):
-    model, model_dir, adapter_dir = tiny_setup(tiny_root, arch)
+@pytest.mark.parametrize("arch, mode, calibration", [
+    ("llama", "parallel", "logits/unit-rms"), ("llama", "sequential", "logits/unit-rms"),
+    ("qwen2", "parallel", "logits/unit-rms"), ("qwen3", "sequential", "logits/unit-rms"),
+    ("llama", "parallel", "hidden/raw"),  # the correction in hidden space, read through the LM head
+])
+def test_tiny_greedy_equals_plain_sglang_and_the_reference_engine(tiny_root, arch, mode, calibration):
+    model, model_dir, adapter_dir = tiny_setup(tiny_root, arch, calibration)
     prompts = random_prompts(24, 16, seed=4, max_len=12)
     expected = plain_outputs(model_dir, tuple(map(tuple, prompts)))
     args = default_server_args(model_dir) + ["--skip-tokenizer-init"] + flexdraft_args(adapter_dir)
@@ -97,11 +104,15 @@ def test_flex_mode_switches_with_the_batch_and_stays_lossless(tiny, tmp_path):
     with SGLangServer(args, env={"FLEXDRAFT_MODE": "flex", "FLEXDRAFT_COST_TABLE": str(table)}) as server:
         alone = generate_all(server, prompts[:1], ignore_eos=True)
         crowd = generate_all(server, prompts[1:], ignore_eos=True)
+        # Joins while flex is plain: no mask-block pass at its prefill; its placeholder drafts get verified alone.
+        after = generate_all(server, prompts[:1], ignore_eos=True)
         log = server.log_path.read_text(errors="replace")
-    assert [o["output_ids"] for o in alone + crowd] == expected
+    assert [o["output_ids"] for o in alone + crowd + after] == expected + expected[:1]
     switches = [line for line in log.splitlines() if "FLEXDRAFT flex:" in line]
     assert any("parallel mode from a batch of 1 " in line for line in switches), switches
     assert any("plain mode" in line for line in switches), switches
+    joined = next(i for i, line in enumerate(switches) if "without a mask-block pass" in line)
+    assert any("parallel mode from a batch of 1 " in line for line in switches[joined:]), switches
 
 
 QUESTIONS = [

@@ -11,7 +11,8 @@ Per request the worker carries a bonus token (decided, not yet in the KV cache) 
                gives the next drafts. Emits a+1 tokens.
   sequential   the same verify, then a one-row forward of the new bonus gives the next exact token t, and the block
                after the bonus, calibrated with t, gives the drafts. Emits a+2 tokens.
-  plain        (flex mode only) a one-row forward of the bonus; emits 1 token and keeps the drafts it has.
+  plain        (flex mode only) a one-row forward of the bonus; emits 1 token and keeps the drafts it has. Requests
+               that join meanwhile skip the prefill's mask block and carry placeholder drafts.
 Flex mode (FLEXDRAFT_MODE=flex) picks one of the three and the verify length per batch with `core.policy.plan_step`
 from the forward-cost table and the drafts' confidence. The fixed modes verify what the confidence rule grants, capped
 by what acceptance measured per row supports (`core.confidence.measured_verify_len`), unless FLEXDRAFT_VERIFY_LEN
@@ -76,7 +77,8 @@ class FlexDraftWorker(BaseSpecWorker):
         self.graphs: GraphSets | None = None  # built in init_cuda_graphs on a GPU
         # Verify lengths a step may run: every one eagerly; the graph sets' tiers once graphs exist.
         self.verify_caps = tuple(range(1, self.settings.max_verify_len + 1))
-        self._flex_mode: Mode | None = None
+        self._flex_mode: Mode | None = None  # flex's mode at its last plan
+        self._placeholders_logged = False
         self.acceptance = AcceptanceTracker(self.settings.max_verify_len)  # measured acceptance per draft row
         self._outcomes: Tensor | None = None  # row_outcomes summed on the device since the last read-back
         self._outcome_steps = self._outcome_requests = 0
@@ -132,7 +134,11 @@ class FlexDraftWorker(BaseSpecWorker):
         result = self.target_worker.forward_batch_generation(batch)
         first = result.next_token_ids.reshape(-1).to(torch.long)
         result.new_seq_lens = batch.seq_lens
-        result.next_draft_input = self._draft(batch.req_pool_indices, batch.seq_lens, first, batch.sampling_info)
+        if self._flex_mode is Mode.PLAIN:  # flex decodes plainly now: a mask-block pass would be thrown away
+            result.next_draft_input = self._placeholder_drafts(first, batch.sampling_info)
+        else:
+            result.next_draft_input = self._draft(batch.req_pool_indices, batch.seq_lens, first,
+                                                  batch.sampling_info)
         return result
 
     def _decode(self, batch) -> GenerationBatchResult:
@@ -211,7 +217,7 @@ class FlexDraftWorker(BaseSpecWorker):
                          rule=self.settings.verify_rule, threshold=self.settings.verify_threshold,
                          fused_parallel=False, verify_caps=caps, acceptance_scale=self.acceptance.scale)
         if plan.mode is not self._flex_mode:  # logged on change only: one line per switch
-            self._flex_mode = plan.mode
+            self._flex_mode, self._placeholders_logged = plan.mode, False
             logger.info("FLEXDRAFT flex: %s mode from a batch of %d (predicted %s tokens/s; acceptance %.2f of "
                         "what confidence predicts)", plan.mode.value, len(state.bonus),
                         ", ".join(f"{m.value} {r:.3g}" for m, r in plan.predicted.items()), self.acceptance.scale)
@@ -293,6 +299,25 @@ class FlexDraftWorker(BaseSpecWorker):
         accepted[rows], bonus[rows] = speculative_verify(drafts[rows], state.draft_probs[:, : drafts.shape[1]], p,
                                                          verify[rows], self.generator)
         return accepted, bonus
+
+    def _placeholder_drafts(self, bonus: Tensor, sampling_info) -> FlexDraftState:
+        """Drafts for requests that join while flex decodes plainly, made without the mask-block pass: the bonus
+        repeated, with each row's measured acceptance as its confidence so that the plan weighs them as typical
+        drafts. The step that first verifies them wastes its rows (losslessly: a sampling request's draft
+        distribution is one-hot on its placeholder, which speculative sampling accepts with the target's own
+        probability) and drafts for real after it."""
+        if not self._placeholders_logged:
+            logger.info("FLEXDRAFT flex: requests join without a mask-block pass while decoding is plain")
+            self._placeholders_logged = True
+        bs, width = len(bonus), self.block_size - 1
+        drafts = bonus[:, None].expand(bs, width).clone()
+        rates = self.acceptance.rates[:width].to(bonus.device, torch.float32)
+        top = torch.nn.functional.pad(rates, (0, width - len(rates))).expand(bs, width).clone()
+        if sampling_info.is_all_greedy:
+            return FlexDraftState(bonus, drafts, top)
+        sampled = ~greedy_rows(_sampling_params(sampling_info))
+        probs = torch.nn.functional.one_hot(drafts[sampled], self.model_runner.model_config.vocab_size).float()
+        return FlexDraftState(bonus, drafts, top, sampled, probs)
 
     def _draft(self, req_pool_indices, committed_lens, bonus, sampling_info) -> FlexDraftState:
         params, greedy = _sampling_params(sampling_info), sampling_info.is_all_greedy

@@ -90,20 +90,24 @@ class TrainConfig:
         return self.steps + (self.calibration_steps if self.calibration == "second-stage" else 0)
 
 
+def cosine_schedule(lr: float, step: int, warmup_steps: int, length: int) -> float:
+    """Linear warm-up over warmup_steps, then cosine down to a tenth of lr at `length` steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(length - warmup_steps, 1)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine to a tenth, restarted for the calibration stage."""
+    """The cosine schedule, restarted for the calibration stage."""
     if step >= config.steps:
-        step, length = step - config.steps, config.calibration_steps
-    else:
-        length = config.steps
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(length - config.warmup_steps, 1)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        return cosine_schedule(config.lr, step - config.steps, config.warmup_steps, config.calibration_steps)
+    return cosine_schedule(config.lr, step, config.warmup_steps, config.steps)
 
 
-def batch_for_step(config: TrainConfig, num_samples: int, step: int) -> list[int]:
-    """Sample indices of a step: consecutive slices of a per-epoch permutation seeded by (seed, epoch)."""
+def batch_for_step(config, num_samples: int, step: int) -> list[int]:
+    """Sample indices of a step: consecutive slices of a per-epoch permutation seeded by (seed, epoch). `config` is
+    any training config with `sequences_per_step` and `seed` (FlexDraft's and EAGLE-3's)."""
     per_epoch = max(num_samples // config.sequences_per_step, 1)
     epoch, slot = divmod(step, per_epoch)
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
@@ -114,6 +118,59 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, key: dict, refuse=None) -> dict | None:
+    """The training state saved at `path` (None if there is none yet), after `refuse(state)` (a trainer's own,
+    more telling refusals) and a check that it belongs to this run: the same settings and data (`key`)."""
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if refuse is not None:
+        refuse(state)
+    if state["key"] != key:
+        raise ValueError(f"{path} belongs to a run with other settings or data; use a new --out folder")
+    return state
+
+
+def run_steps(trainer, step_fn, total_steps: int, checkpoint_every: int, lr_at, progress: bool = True,
+              after_step=None) -> None:
+    """The loop both trainers (FlexDraft's, EAGLE-3's) share, from `trainer.step` to `total_steps`: `step_fn()` trains
+    one step (advancing trainer.step) and returns its loss and any more figures to log; one line per step goes to
+    trainer.out/log.jsonl (step, loss, lr = `lr_at(step - 1)`, seconds, the figures) and a checkpoint
+    (`trainer.save_checkpoint()`) is written every `checkpoint_every` steps and at the end, so rerunning the same
+    command resumes; `after_step(step)` runs before the checkpoint."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=trainer.step, desc="training", unit="step", disable=not progress)
+    with open(trainer.out / "log.jsonl", "a") as log:
+        while trainer.step < total_steps:
+            started = time.perf_counter()
+            loss, figures = step_fn()
+            log.write(json.dumps({"step": trainer.step, "loss": round(loss, 5), "lr": lr_at(trainer.step - 1),
+                                  "seconds": round(time.perf_counter() - started, 3), **figures}) + "\n")
+            recent = trainer.losses[-50:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+            bar.update(1)
+            if after_step is not None:
+                after_step(trainer.step)
+            if trainer.step % checkpoint_every == 0 or trainer.step == total_steps:
+                log.flush()
+                trainer.save_checkpoint()
+    bar.close()
+
+
+def train_summary(config, samples: list[Sample], sequences, losses: list[float], seconds: float, **more) -> dict:
+    """train_summary.json of a finished run: the command, settings, data sizes, time and losses."""
+    tail = losses[-100:]
+    return {
+        "command": " ".join(["flexdraft", *sys.argv[1:]]),
+        "config": asdict(config), "samples": len(samples),
+        "sequence_tokens": sum(len(x) for x in sequences),
+        "response_tokens": sum(len(s.response_ids) for s in samples),
+        "train_seconds": round(seconds, 1), "first_loss": losses[0] if losses else None,
+        "final_loss_mean_last_100": sum(tail) / len(tail) if tail else None, **more,
+    }
 
 
 class Trainer:
@@ -164,14 +221,16 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.out / "checkpoint.pt"
-        if not path.exists():
+
+        def refuse_v1(state):
+            if state["key"].get("split_hidden") != SPLIT_HIDDEN_FORMAT:
+                raise ValueError(f"{path} was trained by an older trainer that fed the deep layers the last layer's "
+                                 "output instead of the split layer's input; it cannot be resumed: use a new --out "
+                                 "folder")
+
+        state = load_checkpoint(path, self._state_key(), refuse_v1)
+        if state is None:
             return
-        state = torch.load(path, weights_only=False)
-        if state["key"].get("split_hidden") != SPLIT_HIDDEN_FORMAT:
-            raise ValueError(f"{path} was trained by an older trainer that fed the deep layers the last layer's "
-                             "output instead of the split layer's input; it cannot be resumed: use a new --out folder")
-        if state["key"] != self._state_key():
-            raise ValueError(f"{path} belongs to a run with other settings or data; use a new --out folder")
         self.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
@@ -281,27 +340,15 @@ class Trainer:
     def run(self, snapshot_steps: tuple[int, ...] = ()) -> FlexDraftAdapter:
         """Train to the end (from the last checkpoint); the adapter as it is after each of `snapshot_steps` is saved
         to snapshots/step-NNNNN, for curves of what longer training buys."""
-        from tqdm import tqdm
-
         c = self.config
         split_hidden = self.prepare()
-        bar = tqdm(total=c.total_steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
-        with open(self.out / "log.jsonl", "a") as log:
-            while self.step < c.total_steps:
-                started = time.perf_counter()
-                loss = self.train_step(split_hidden)
-                log.write(json.dumps({"step": self.step, "loss": round(loss, 5),
-                                      "lr": learning_rate(c, self.step - 1),
-                                      "seconds": round(time.perf_counter() - started, 3)}) + "\n")
-                recent = self.losses[-50:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-                bar.update(1)
-                if self.step in snapshot_steps:
-                    self.trained_adapter().save(self.out / "snapshots" / f"step-{self.step:05d}", dtype=torch.bfloat16)
-                if self.step % c.checkpoint_every == 0 or self.step == c.total_steps:
-                    log.flush()
-                    self.save_checkpoint()
-        bar.close()
+
+        def snapshot(step):
+            if step in snapshot_steps:
+                self.trained_adapter().save(self.out / "snapshots" / f"step-{step:05d}", dtype=torch.bfloat16)
+
+        run_steps(self, lambda: (self.train_step(split_hidden), {}), c.total_steps, c.checkpoint_every,
+                  lambda step: learning_rate(c, step), self.progress, after_step=snapshot)
         return self.trained_adapter()
 
     def trained_adapter(self) -> FlexDraftAdapter:
