@@ -45,6 +45,9 @@ def serve_configs(adapter: str, *, cost_table: str | None = None, ngram_width: i
     table = (("FLEXDRAFT_COST_TABLE", cost_table),) if cost_table else ()
     configs = [
         ServeConfig("plain"),
+        # Plain decoding without overlap scheduling, as every speculative worker on CPU runs: speed-ups are quoted
+        # against the faster of the two (report.speedup), so none is measured against a handicapped baseline.
+        ServeConfig("plain-sync", ("--disable-overlap-schedule",)),
         ServeConfig("flexdraft-parallel", flex, (("FLEXDRAFT_MODE", "parallel"),)),
         ServeConfig("flexdraft-sequential", flex, (("FLEXDRAFT_MODE", "sequential"),)),
         ServeConfig("flexdraft-flex", flex, (("FLEXDRAFT_MODE", "flex"),) + table),

@@ -285,7 +285,7 @@ def cmd_eval(args) -> int:
     from transformers import AutoTokenizer
 
     from .default_model import prepare_default_model
-    from .eval.report import markdown_report, targets, write_plots
+    from .eval.report import PLAINS, markdown_report, targets, write_plots
     from .eval.serving import EvalPlan, dataset_prompts, load_points, run_eval, serve_configs
     from .reference.hf import prompt_tokens
 
@@ -300,9 +300,10 @@ def cmd_eval(args) -> int:
                          f"{', '.join(available)} (eagle3/dflash need --eagle3-draft/--dflash-draft)")
     if any("flexdraft" in n for n in names) and not adapter:
         raise ValueError("FLEXDRAFT configurations need --adapter for a model other than the embedded default")
-    if "plain" not in names:
-        names.insert(0, "plain")  # every ratio is against plain decoding in the same run
-    names.sort(key=lambda n: n != "plain")
+    for baseline in reversed(PLAINS):  # every ratio is against the faster plain configuration in the same run
+        if baseline not in names:
+            names.insert(0, baseline)
+    names.sort(key=lambda n: n not in PLAINS)
     plan = EvalPlan(model, tuple(available[n] for n in names), tuple(args.datasets.split(",")),
                     tuple(float(t) for t in args.temperatures.split(",")),
                     tuple(int(c) for c in args.concurrency.split(",")), args.num_prompts, args.max_new_tokens,
@@ -515,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="target folder, or 'default' (the embedded SmolLM2)")
     p.add_argument("--adapter", help="FLEXDRAFT adapter (default: the shipped adapter of the embedded model)")
     p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--configs", help="comma-separated: plain, flexdraft-parallel, flexdraft-sequential, "
-                                     "flexdraft-flex, ngram, eagle3, dflash (default: every available one)")
+    p.add_argument("--configs", help="comma-separated: plain, plain-sync, flexdraft-parallel, flexdraft-sequential, "
+                                     "flexdraft-flex, ngram, eagle3, dflash (default: every available one; both "
+                                     "plain ones always run: ratios are over the faster)")
     p.add_argument("--datasets", default="mt-bench,humaneval,sharegpt")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--temperatures", default="0,1")

@@ -8,8 +8,8 @@ from scipy.stats import chisquare
 
 from flexdraft_sgl.core.acceptance import greedy_verify, speculative_verify
 from flexdraft_sgl.core.confidence import expected_tokens, measured_verify_len, verify_lengths
-from flexdraft_sgl.core.policy import (AcceptanceTracker, ForwardCostTable, Mode, plain_tokens_per_second, plan_step,
-                                       row_outcomes)
+from flexdraft_sgl.core.policy import (AcceptanceTracker, ForwardCostTable, Mode, deep_pass_weight,
+                                       plain_tokens_per_second, plan_step, row_outcomes)
 from flexdraft_sgl.core.sampling import SamplingParams, filtered_probs, sample
 
 ALPHA = 1e-3  # significance of every distribution test; seeds are fixed, so each test is deterministic
@@ -165,6 +165,30 @@ def test_policy_keeps_to_the_verify_tiers_it_is_given():
     plan = plan_step(top, ForwardCostTable((1, 10**6), (1.0, 1.0)), block_size=8, tuned_depth=2, num_layers=24,
                      verify_caps=(1, 3, 5))
     assert plan.mode is Mode.PARALLEL and plan.verify_lens.tolist() == [5] * 4
+
+
+def test_the_mask_block_pass_is_charged_its_lm_head():
+    # A deep-only pass of N of L layers costs N/L of a full forward of its rows only if the head were free; with the
+    # head a fifth of a step (SmolLM2-135M on a memory-bound CPU) it costs a fifth more of one.
+    assert deep_pass_weight(4, 30) == pytest.approx(4 / 30)
+    assert deep_pass_weight(4, 30, head_share=0.2) == pytest.approx(0.2 + 0.8 * 4 / 30)
+    table = ForwardCostTable((1, 64, 1064), (1.0, 1.0, 11.0))
+    kwargs = dict(block_size=8, tuned_depth=4, num_layers=30, fused_parallel=False)
+    # A first draft right one step in five: worth a 2-row verify and a mask block while the head is free (1.2 tokens
+    # for 1.13 plain steps), not once it is paid (1.31 plain steps).
+    top = torch.tensor([[0.2] + [0.0] * 6])
+    assert plan_step(top, table, **kwargs).mode is Mode.PARALLEL
+    assert plan_step(top, table, head_share=0.2, **kwargs).mode is Mode.PLAIN
+
+
+def test_head_share_of_a_target_is_its_lm_head_over_head_and_layers():
+    from conftest import tiny_target
+
+    from flexdraft_sgl.sglang.worker import head_share
+
+    model = tiny_target("llama", vocab=32, layers=4)
+    layers = sum(p.numel() for p in model.model.layers.parameters())
+    assert head_share(model) == pytest.approx(32 * 64 / (32 * 64 + layers))
 
 
 def test_measured_acceptance_corrects_overconfident_drafts():

@@ -4,6 +4,7 @@ what it has."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from conftest import random_adapter, random_prompts, tiny_target
@@ -39,6 +40,16 @@ def test_eval_measures_every_point_reports_and_resumes(tmp_path):
     flex_alone = index[("flexdraft-flex", "toy", 0.0, 1)]
     assert flex_alone.accept_length and flex_alone.accept_length > 1.0  # drafts were accepted
     assert index[("plain", "toy", 0.0, 1)].accept_length is None
+
+    # "Over plain" means over the faster plain configuration measured at the point.
+    flex_point = index[("flexdraft-flex", "toy", 0.0, 4)]
+    plain_point = index[("plain", "toy", 0.0, 4)]
+    faster_plain = dataclasses.replace(plain_point, config="plain-sync",
+                                       tokens_per_second=2 * plain_point.tokens_per_second)
+    both = {**index, faster_plain.key: faster_plain}
+    assert speedup(flex_point, both) == flex_point.tokens_per_second / faster_plain.tokens_per_second
+    assert speedup(plain_point, both) == 0.5 and speedup(flex_point, both, over="ngram") == speedup(flex_point, index,
+                                                                                               over="ngram")
 
     report = markdown_report(points, "header")
     assert "### toy, temperature 0" in report and "| flexdraft-flex |" in report and "ngram 100%" in report

@@ -16,9 +16,10 @@ from flexdraft_sgl.reference import ReferenceEngine
 from flexdraft_sgl.sglang.launch import SGLangServer, default_server_args, flexdraft_args
 
 MAX_NEW = 32
-# Accept length (tokens per step) the shipped SmolLM2 adapter must reach on short chat answers. Measured: 1.18 and 2.20
-# on the chat test, 1.10 in the demo (which counts its warm-up request); an untrained adapter gets about 1.0 and 2.0.
-ACCEPT_LENGTH_FLOOR = {"parallel": 1.12, "sequential": 2.14, "demo": 1.05}
+# Accept length (tokens per step) the shipped SmolLM2 adapter must reach on short chat answers. Measured: 1.34 and 2.38
+# on the chat test, 1.26 in the demo (which counts its warm-up request); an untrained adapter gets about 1.0 and 2.0,
+# the adapter shipped before December 2026 1.18, 2.20 and 1.10.
+ACCEPT_LENGTH_FLOOR = {"parallel": 1.28, "sequential": 2.32, "demo": 1.2}
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,9 @@ Engines run parallel mode in one of two shapes (`fused_parallel`): the reference
 blocks into the verify forward (one weight pass); the SGLang worker runs the verify forward, then the kept block alone
 through the final N layers (a second, partial weight pass). A forward's time comes from a cost table measured on the
 machine, against full-depth rows; a deep-only row inside a full-depth forward counts as tuned_depth/num_layers of
-one, and a forward through the final N layers alone costs that fraction of a full forward of its rows. The expected
+one, and a forward through the final N layers alone costs that fraction of a full forward of its rows, plus the LM
+head's share of one (`head_share`: a draft row reads the whole head, and on memory-bound hardware the head's weights
+are a large part of a step's traffic: about a fifth for SmolLM2-135M, where 4 of 30 layers are a tenth). The expected
 accepted length comes from draft confidence (`confidence.expected_tokens`). The plan with the highest predicted
 tokens per second wins; plain decoding is always a candidate, so the plan is never predicted slower than it.
 """
@@ -77,9 +79,16 @@ class StepPlan:
     predicted: dict  # mode -> the best predicted tokens per second of that mode
 
 
+def deep_pass_weight(tuned_depth: int, num_layers: int, head_share: float = 0.0) -> float:
+    """A forward through the final N layers and the LM head, as a fraction of a full forward of the same rows, whose
+    cost `head_share` of is the head's."""
+    return head_share + (1 - head_share) * tuned_depth / num_layers
+
+
 def step_seconds(mode: Mode, cost: ForwardCostTable, *, batch_size: int, full_rows: float, block_size: int,
                  deep_weight: float, fused_parallel: bool) -> float:
-    """Predicted time of one step. full_rows: the verify forward's rows, sum over requests of (v + 1)."""
+    """Predicted time of one step. full_rows: the verify forward's rows, sum over requests of (v + 1); deep_weight:
+    a deep-only row's share of a full-depth one (`deep_pass_weight`)."""
     bs, kept_block = batch_size, batch_size * block_size
     if mode is Mode.PLAIN:
         return cost.seconds_for(bs)
@@ -105,15 +114,17 @@ def plan_step(
     fused_parallel: bool = True,
     verify_caps: tuple[int, ...] | None = None,
     acceptance_scale: float = 1.0,
+    head_share: float = 0.0,
 ) -> StepPlan:
     """Choose the mode and per-request verify lengths. draft_top_probs: [bs, B-1] top probability of each draft.
     Verify lengths are the confidence rule's, cut at each cap in `verify_caps` (default 1..B-1: the verify-length
     tiers an engine can run); the best (mode, cap) pair wins. `acceptance_scale` corrects the accepted drafts that
-    confidence predicts by what was measured (`AcceptanceTracker.scale`)."""
+    confidence predicts by what was measured (`AcceptanceTracker.scale`); `head_share` is the LM head's share of a
+    full forward's cost (`deep_pass_weight`)."""
     bs = draft_top_probs.shape[0]
     rule_lens = verify_lengths(draft_top_probs, rule, threshold, max_len=block_size - 1)
     caps = verify_caps or tuple(range(1, block_size))
-    deep_weight = tuned_depth / num_layers
+    deep_weight = deep_pass_weight(tuned_depth, num_layers, head_share)
     best: dict[Mode, tuple[float, Tensor]] = {}
     for mode in modes:
         for cap in (0,) if mode is Mode.PLAIN else caps:

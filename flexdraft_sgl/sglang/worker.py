@@ -77,6 +77,7 @@ class FlexDraftWorker(BaseSpecWorker):
         self.graphs: GraphSets | None = None  # built in init_cuda_graphs on a GPU
         # Verify lengths a step may run: every one eagerly; the graph sets' tiers once graphs exist.
         self.verify_caps = tuple(range(1, self.settings.max_verify_len + 1))
+        self._head_share = 0.0  # the LM head's share of the target's weights: set with the drafter
         self._flex_mode: Mode | None = None  # flex's mode at its last plan
         self._placeholders_logged = False
         self.acceptance = AcceptanceTracker(self.settings.max_verify_len)  # measured acceptance per draft row
@@ -99,6 +100,7 @@ class FlexDraftWorker(BaseSpecWorker):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self.target_worker.get_memory_pool()
         self.drafter = MaskBlockDrafter(self.model_runner.model, self.adapter, self.model_runner.token_to_kv_pool,
                                         self.req_to_token_pool.req_to_token, self.profile)
+        self._head_share = head_share(self.model_runner.model)
         self.profile.wrap(self.drafter, "_lm_head", "lm_head")
 
     def init_cuda_graphs(self):
@@ -215,7 +217,8 @@ class FlexDraftWorker(BaseSpecWorker):
         plan = plan_step(state.draft_top[:, : self.settings.max_verify_len].float(), self.cost_table,
                          block_size=self.block_size, tuned_depth=cfg.tuned_depth, num_layers=cfg.target.num_layers,
                          rule=self.settings.verify_rule, threshold=self.settings.verify_threshold,
-                         fused_parallel=False, verify_caps=caps, acceptance_scale=self.acceptance.scale)
+                         fused_parallel=False, verify_caps=caps, acceptance_scale=self.acceptance.scale,
+                         head_share=self._head_share)
         if plan.mode is not self._flex_mode:  # logged on change only: one line per switch
             self._flex_mode, self._placeholders_logged = plan.mode, False
             logger.info("FLEXDRAFT flex: %s mode from a batch of %d (predicted %s tokens/s; acceptance %.2f of "
@@ -354,6 +357,14 @@ def _attach_logprobs(batch, logits_output, logits_per_token: list[Tensor], accep
     predict[index.reshape(-1)] = out.reshape(-1)
     logits_output.next_token_logits = table.reshape(bs * per_request, vocab)
     compute_spec_logprobs(batch, logits_output, predict, accept_index=index)
+
+
+def head_share(model) -> float:
+    """The LM head's share of the weights a decode step reads (embeddings aside): what the flex policy charges a mask
+    block's pass through the head (`core.policy.deep_pass_weight`). With tensor parallelism every share is per rank."""
+    head = model.lm_head.weight.numel()
+    layers = sum(p.numel() for p in model.model.layers.parameters())
+    return head / (head + layers)
 
 
 def _sampling_params(sampling_info) -> SamplingParams:
