@@ -174,17 +174,24 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _training_inputs(args):
+    """What both trainers start from: the seeded RNG, the target, and the first --max-samples samples of --data."""
     import torch
 
     from .train.data import load_samples
-    from .train.trainer import Trainer, TrainConfig, train_summary
 
     torch.manual_seed(args.seed)
     model, tokenizer, path = _load_target(args)
     samples = load_samples(args.data)
-    if args.max_samples:
-        samples = samples[: args.max_samples]
+    return model, tokenizer, path, samples[: args.max_samples] if args.max_samples else samples
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .train.trainer import Trainer, TrainConfig, train_summary
+
+    model, tokenizer, path, samples = _training_inputs(args)
     config = TrainConfig(
         tuned_depth=args.tuned_depth, block_size=args.block_size, calibration_rank=args.rank, steps=args.steps,
         sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors, max_length=args.max_length,
@@ -211,14 +218,9 @@ def cmd_train_eagle3(args) -> int:
     import torch
 
     from .eagle3.train import Eagle3Trainer, Eagle3TrainConfig
-    from .train.data import load_samples
     from .train.trainer import train_summary
 
-    torch.manual_seed(args.seed)
-    model, _, path = _load_target(args)
-    samples = load_samples(args.data)
-    if args.max_samples:
-        samples = samples[: args.max_samples]
+    model, _, path, samples = _training_inputs(args)
     config = Eagle3TrainConfig(
         steps=args.steps, sequences_per_step=args.sequences_per_step, max_length=args.max_length,
         ttt_steps=args.ttt_steps, draft_vocab=args.draft_vocab, lr=args.lr, warmup_steps=args.warmup,
