@@ -12,6 +12,9 @@ BASELINE = "plain"
 # Plain SGLang's configurations (serving.serve_configs): a speed-up "over plain" is over the fastest of them measured
 # at the same point, so no speed-up is measured against the slower plain configuration.
 PLAINS = ("plain", "plain-sync")
+FLEXDRAFT_MODES = ("flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex")
+# The speculative baselines FLEXDRAFT's best mode is held against, point by point.
+RIVALS = ("ngram", "eagle3", "dflash")
 
 
 def _by_key(points: list[Point]) -> dict[tuple, Point]:
@@ -26,6 +29,12 @@ def speedup(point: Point, index: dict[tuple, Point], over: str = BASELINE) -> fl
              if (other := index.get((name, point.dataset, point.temperature, point.concurrency)))
              and other.tokens_per_second]
     return point.tokens_per_second / max(rates) if rates else None
+
+
+def best_flexdraft(index: dict[tuple, Point], dataset: str, temperature: float, concurrency: int) -> Point | None:
+    """FLEXDRAFT's fastest mode at a point (the mode a deployment would pick for that load)."""
+    modes = [p for name in FLEXDRAFT_MODES if (p := index.get((name, dataset, float(temperature), int(concurrency))))]
+    return max(modes, key=lambda p: p.tokens_per_second, default=None)
 
 
 def greedy_equal(point: Point, index: dict[tuple, Point]) -> float | None:
@@ -71,6 +80,15 @@ def markdown_report(points: list[Point], header: str = "") -> str:
         lines += ["", "Accept length (tokens per verify step) / mean TPOT ms:", ""]
         lines += _grid(index, configs, dataset, temperature, concurrency,
                        lambda p: f"{_fmt(p.accept_length, '.2f')} / {p.tpot_ms:.1f}")
+        best = [(c, b) for c in concurrency if (b := best_flexdraft(index, dataset, temperature, c))]
+        if best:
+            against = [BASELINE] + [r for r in RIVALS if r in configs]
+            lines += ["", "FLEXDRAFT's fastest mode at each point, and its tokens/s over plain and each rival:", "",
+                      "| | " + " | ".join(f"c={c}" for c, _ in best) + " |",
+                      "|" + "|".join(["---"] * (len(best) + 1)) + "|",
+                      "| fastest mode | " + " | ".join(b.config.removeprefix("flexdraft-") for _, b in best) + " |"]
+            lines += [f"| over {name} | " + " | ".join(_fmt(speedup(b, index, over=name), '.2f') + "x"
+                                                      for _, b in best) + " |" for name in against]
         if temperature == 0:
             shares = []
             for name in (n for n in configs if n != BASELINE):
@@ -81,18 +99,41 @@ def markdown_report(points: list[Point], header: str = "") -> str:
     return "\n".join(lines)
 
 
-def targets(points: list[Point], config: str = "flexdraft-flex") -> dict:
-    """The harness's targets for one configuration: speed-up at concurrency 1, the lowest speed-up anywhere, and the
-    lowest ratio to NGRAM's tokens per second."""
+def targets(points: list[Point], dataset: str = "mt-bench") -> list[dict]:
+    """The serving targets (issues 13 and 14), each with the worst measured value over the points it covers:
+    FLEXDRAFT's fastest mode over plain at concurrency 1 and temperature 0 on `dataset` (every dataset when it is
+    absent), flex over plain everywhere, the fastest mode over NGRAM everywhere and over EAGLE3 at concurrency >= 8
+    and at 1. A target whose configurations were not measured reads None."""
     index = _by_key(points)
-    mine = [p for p in points if p.config == config]
-    at_one = [s for p in mine if p.concurrency == 1 and (s := speedup(p, index)) is not None]
-    everywhere = [s for p in mine if (s := speedup(p, index)) is not None]
-    over_ngram = [s for p in mine if (s := speedup(p, index, over="ngram")) is not None]
-    return {"config": config,
-            "speedup_at_concurrency_1": min(at_one) if at_one else None,
-            "lowest_speedup": min(everywhere) if everywhere else None,
-            "lowest_ratio_to_ngram": min(over_ngram) if over_ngram else None}
+    keys = sorted({p.key[1:] for p in points})
+    if dataset not in {k[0] for k in keys}:
+        dataset = None
+
+    def worst(values):
+        values = [v for v in values if v is not None]
+        return min(values) if values else None
+
+    def best_over(over, keep):
+        return worst(speedup(b, index, over=over) for k in keys if keep(*k) and (b := best_flexdraft(index, *k)))
+
+    flex = [p for p in points if p.config == "flexdraft-flex"]
+    rows = [("fastest mode over plain, concurrency 1, temperature 0" + (f", {dataset}" if dataset else ""), 1.3,
+             best_over(BASELINE, lambda d, t, c: c == 1 and t == 0 and dataset in (None, d))),
+            ("flex over plain, every point", 0.95, worst(speedup(p, index) for p in flex)),
+            ("fastest mode over NGRAM, every point", 1.0, best_over("ngram", lambda d, t, c: True)),
+            ("fastest mode over EAGLE3, concurrency >= 8", 1.0, best_over("eagle3", lambda d, t, c: c >= 8)),
+            ("fastest mode over EAGLE3, concurrency 1", 0.9, best_over("eagle3", lambda d, t, c: c == 1))]
+    return [{"target": name, "goal": goal, "measured": value, "met": None if value is None else value >= goal}
+            for name, goal, value in rows]
+
+
+def targets_table(points: list[Point]) -> list[str]:
+    lines = ["| target | goal | measured (worst point) | met |", "|---|---|---|---|"]
+    for t in targets(points):
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "no")
+        measured = "-" if t["measured"] is None else f"{t['measured']:.2f}x"
+        lines.append(f"| {t['target']} | >= {t['goal']:g}x | {measured} | {met} |")
+    return lines
 
 
 def write_plots(points: list[Point], out: str | Path) -> list[Path]:

@@ -7,10 +7,11 @@ point's prefill. Each point records output tokens per second (all output tokens 
 TPOT ((latency - time to first token) / (tokens - 1)), mean TTFT, the accept length (output tokens per verify step, as
 SGLang reports it) and every request's output ids.
 
-Points are appended to `results.jsonl` as they finish; a rerun skips the points already there, so an interrupted run
-resumes where it stopped (a configuration whose points are all present starts no server). The report compares each
-point with plain decoding's point of the same run: speed-up in tokens per second, and greedy equality (temperature 0:
-the fraction of requests whose output ids equal plain decoding's).
+Each fresh server first answers a few unmeasured warm-up requests (`warm_up`). Points are appended to
+`results.jsonl` as they finish; a rerun skips the points already there, so an interrupted run resumes where it stopped
+(a configuration whose points are all present starts no server). The report compares each point with plain decoding's
+point of the same run: speed-up in tokens per second, and greedy equality (temperature 0: the fraction of requests
+whose output ids equal plain decoding's).
 """
 
 from __future__ import annotations
@@ -165,6 +166,15 @@ def measure_point(server, point: Point, prompts: list[list[int]], max_new_tokens
     return point
 
 
+def warm_up(server, prompts: list[list[int]], concurrency: int) -> None:
+    """Unmeasured requests before a fresh server's first point: greedy and sampled alone, then a batch as wide as its
+    widest point. First calls (allocations, kernel choices, a draft model's first pass) cost seconds on a CPU and
+    would otherwise land in whichever point came first."""
+    for temperature in (0.0, 1.0):
+        asyncio.run(_drive(server.url, prompts[:1], 1, {"max_new_tokens": 16, "temperature": temperature}))
+    asyncio.run(_drive(server.url, prompts[:concurrency], concurrency, {"max_new_tokens": 8, "temperature": 0.0}))
+
+
 # ---- the run -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalPlan:
@@ -219,6 +229,8 @@ def run_eval(plan: EvalPlan, out: str | Path, token_prompts: dict[str, list[list
         if not mine:
             continue
         with SGLangServer(base + list(config.args), env=dict(config.env)) as server:
+            widest = max(x[3] for x in mine)
+            warm_up(server, token_prompts[mine[0][1]][: plan.prompts_for(widest)], widest)
             for _, dataset, temperature, concurrency in mine:
                 bar.set_postfix_str(f"{config.name} {dataset} T={temperature} c={concurrency}")
                 prompts = token_prompts[dataset][: plan.prompts_for(concurrency)]

@@ -44,11 +44,13 @@ def randomize(adapter: FlexDraftAdapter, seed: int = 0, scale: float = 0.3) -> F
 
 
 def random_adapter(model, *, tuned_depth=2, block_size=4, rank=16, seed=0, scale=0.3, tokenizer=None,
-                   calibration_form="logits", calibration_input="unit-rms"):
+                   calibration_form="logits", calibration_input="unit-rms", draft_vocab=None):
+    """`draft_vocab`: token ids the drafts are restricted to (needs calibration_form "hidden")."""
     adapter = FlexDraftAdapter.init_from_target(model, tuned_depth=tuned_depth, block_size=block_size,
                                                 calibration_rank=rank, calibration_form=calibration_form,
                                                 calibration_input=calibration_input, tokenizer=tokenizer)
-    return randomize(adapter, seed=seed, scale=scale)
+    adapter = randomize(adapter, seed=seed, scale=scale)
+    return adapter if draft_vocab is None else adapter.with_draft_vocab(torch.tensor(draft_vocab))
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:

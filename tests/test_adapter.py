@@ -117,3 +117,41 @@ def test_broken_adapter_folders_give_clear_errors(tmp_path):
         **{**AdapterConfig.from_json(json.dumps(data)).__dict__, "calibration_rank": 9}).to_json())
     with pytest.raises(AdapterError, match="calibration.up.weight has shape"):
         FlexDraftAdapter.load(tmp_path)
+
+
+def test_a_draft_vocabulary_restricts_drafts_and_survives_save_and_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flexdraft_sgl.adapter.modules import draft_head
+
+    model = tiny_target("llama")
+    vocab = model.config.vocab_size
+    ids = [3, 17, 5, 30]
+    adapter = random_adapter(model, calibration_form="hidden", draft_vocab=ids)
+    assert adapter.config.draft_vocab_size == 4 and adapter.config.draft_head_fraction == 4 / vocab
+    adapter.save(tmp_path, dtype=torch.bfloat16)  # the weights in bfloat16, the token ids still exact int64
+    loaded = FlexDraftAdapter.load(tmp_path, target_config=model.config)
+    assert loaded.draft_vocab.dtype == torch.long and loaded.draft_vocab.tolist() == ids
+    assert loaded.mask_embedding.dtype == torch.bfloat16 and loaded.config == adapter.config
+
+    # The head: the target's logits on the draft vocabulary, -inf on every other token.
+    weight, hidden = torch.randn(vocab, 32), torch.randn(2, 3, 32)
+    logits = loaded.draft_head(weight)(hidden)
+    full = draft_head(weight, None, vocab)(hidden)
+    assert logits.shape == full.shape == (2, 3, vocab)
+    assert torch.allclose(logits[..., ids], full[..., ids])
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[ids] = False
+    assert torch.isneginf(logits[..., others]).all()
+    assert adapter.with_draft_vocab(None).config.draft_vocab_size == 0
+
+    with pytest.raises(AdapterError, match="hidden-form calibration"):
+        random_adapter(model, draft_vocab=ids)  # logits form
+    with pytest.raises(AdapterError, match="outside the target's vocabulary"):
+        adapter.with_draft_vocab(torch.tensor([1, vocab]))
+    with pytest.raises(AdapterError, match="repeats"):
+        adapter.with_draft_vocab(torch.tensor([1, 1]))
+    state = load_file(str(tmp_path / WEIGHTS_FILE))
+    save_file({**state, "draft_vocab": torch.tensor([0, 1, 2, vocab + 5])}, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(AdapterError, match="outside the target's vocabulary"):
+        FlexDraftAdapter.load(tmp_path)

@@ -81,5 +81,7 @@ def test_eval_refuses_unknown_configurations_and_rewrites_its_report(smollm2, tm
     out = flexdraft("eval", "--out", str(tmp_path), "--configs", "flexdraft-flex,ngram", "--report-only")
     report = (tmp_path / "report.md").read_text()
     assert "| flexdraft-flex | 12.0 (1.20x) | 12.0 (1.20x) |" in report and report in out.stdout + "\n"
-    assert "| flexdraft-flex | 1.20 | 1.20 | 1.50 |" in report  # targets: at c=1, lowest, lowest over NGRAM
+    assert "| fastest mode over plain, concurrency 1, temperature 0, mt-bench | >= 1.3x | 1.20x | no |" in report
+    assert "| fastest mode over NGRAM, every point | >= 1x | 1.50x | yes |" in report
+    assert "| fastest mode over EAGLE3, concurrency 1 | >= 0.9x | - | - |" in report  # not measured
     assert (tmp_path / "plot-mt-bench-T0.png").exists()

@@ -28,10 +28,9 @@ from test_sglang_eagle_cpu import CHAIN, MAX_NEW, eagle3_args, greedy_requests, 
 from test_train_pipeline import CharTokenizer, sharegpt_prompts_from
 
 from flexdraft_sgl.eagle3 import Eagle3Draft
-from flexdraft_sgl.eagle3.train import (Eagle3Trainer, Eagle3TrainConfig, frequent_tokens, target_features,
-                                        ttt_outputs)
+from flexdraft_sgl.eagle3.train import Eagle3Trainer, Eagle3TrainConfig, target_features, ttt_outputs
 from flexdraft_sgl.reference import ReferenceEngine
-from flexdraft_sgl.train.data import DataConfig, Sample, load_samples, prepare_data
+from flexdraft_sgl.train.data import DataConfig, Sample, frequent_tokens, load_samples, prepare_data
 
 VOCAB = 8  # a small vocabulary: a tiny head learns enough of a random target for drafts to be accepted
 

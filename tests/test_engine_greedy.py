@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import pytest
 import torch
@@ -39,6 +40,25 @@ def test_greedy_equals_hf_generate(arch, mode, block_size, verify_len):
     for res, exp in zip(results, expected):
         assert res.tokens == exp
         assert res.finish_reason == "length"
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_a_draft_vocabulary_drafts_only_its_tokens_and_stays_lossless(mode):
+    model, prompts, expected = _tiny("llama")
+    # Half the vocabulary, chosen as training does (the most frequent answer tokens); the answers still leave it.
+    ids = sorted(t for t, _ in Counter(t for answer in expected for t in answer).most_common(16))
+    adapter = random_adapter(model, tuned_depth=2, block_size=4, scale=0.05, calibration_form="hidden",
+                             draft_vocab=ids)
+    engine = ReferenceEngine(model, adapter)
+    hidden, bonus = torch.randn(3, 3, model.config.hidden_size), torch.tensor([1, 2, 3])
+    drafts = engine.calibrated_drafts(hidden, bonus, torch.ones(3, 1))
+    assert set(drafts.tokens.flatten().tolist()) <= set(ids)
+    outside = torch.ones(32, dtype=torch.bool)
+    outside[ids] = False
+    assert (drafts.probs[..., outside] == 0).all() and torch.allclose(drafts.probs.sum(-1), torch.ones(3, 3))
+    results = engine.generate(prompts, max_new_tokens=MAX_NEW, mode=mode, verify_len=3)
+    assert [r.tokens for r in results] == expected
+    assert sum(a > 0 for r in results for a in r.stats.accepted_trace) > 0  # some drafts were accepted
 
 
 @pytest.mark.parametrize("arch", ARCHS)

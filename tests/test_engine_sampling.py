@@ -19,6 +19,7 @@ from flexdraft_sgl.reference import ReferenceEngine
 ALPHA = 1e-3
 VOCAB, PROMPT, N = 8, [1, 2, 3], 4000
 FILTERS = {"t1": dict(temperature=1.0), "filtered": dict(temperature=0.8, top_k=5, top_p=0.9)}
+DRAFT_VOCAB = [0, 2, 3, 6]  # half the vocabulary: the other tokens are never drafted
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,10 +66,11 @@ def min_pvalue(samples: torch.Tensor, joint: torch.Tensor) -> float:
     return min(pvalues)
 
 
-def speculative_samples(mode: str, draft: str, filters: str, seed: int = 0) -> torch.Tensor:
+def speculative_samples(mode: str, draft: str, filters: str, seed: int = 0, draft_vocab=None) -> torch.Tensor:
     model = _target()
     scale = {"good": 0.05, "poor": 3.0}[draft]  # poor: mask rows and calibration far from anything sensible
-    adapter = random_adapter(model, tuned_depth=1, block_size=4, rank=8, seed=seed, scale=scale)
+    adapter = random_adapter(model, tuned_depth=1, block_size=4, rank=8, seed=seed, scale=scale,
+                             calibration_form="hidden" if draft_vocab else "logits", draft_vocab=draft_vocab)
     engine = ReferenceEngine(model, adapter)
     results = engine.generate([PROMPT] * N, max_new_tokens=3, mode=mode, verify_len=3, seed=seed,
                               sampling=SamplingParams.make(N, **FILTERS[filters]))
@@ -83,6 +85,15 @@ def test_speculative_sampling_preserves_the_target_distribution(mode, draft, fil
     samples, results = speculative_samples(mode, draft, filters)
     assert min_pvalue(samples, exact_joint(filters)) > ALPHA
     # the test only means something if drafts were both accepted and rejected along the way
+    hist = [sum(r.stats.accepted_hist[a] if a < len(r.stats.accepted_hist) else 0 for r in results) for a in range(4)]
+    assert hist[0] > 0 and sum(hist[1:]) > 0, hist
+
+
+@pytest.mark.parametrize("filters", list(FILTERS))
+def test_drafts_from_a_draft_vocabulary_preserve_the_target_distribution(filters):
+    """Draft probability 0 outside the draft vocabulary: those tokens come only from the residual."""
+    samples, results = speculative_samples("parallel", "good", filters, draft_vocab=DRAFT_VOCAB)
+    assert min_pvalue(samples, exact_joint(filters)) > ALPHA
     hist = [sum(r.stats.accepted_hist[a] if a < len(r.stats.accepted_hist) else 0 for r in results) for a in range(4)]
     assert hist[0] > 0 and sum(hist[1:]) > 0, hist
 

@@ -53,8 +53,14 @@ def test_eval_measures_every_point_reports_and_resumes(tmp_path):
 
     report = markdown_report(points, "header")
     assert "### toy, temperature 0" in report and "| flexdraft-flex |" in report and "ngram 100%" in report
-    summary = targets(points)
-    assert summary["speedup_at_concurrency_1"] is not None and summary["lowest_ratio_to_ngram"] is not None
+    assert "| fastest mode | flex | flex |" in report and "| over ngram |" in report and "over eagle3" not in report
+    summary = {t["target"]: t for t in targets(points)}
+    flex_worst = min(speedup(p, index) for p in points if p.config == "flexdraft-flex")
+    assert summary["flex over plain, every point"]["measured"] == flex_worst
+    assert summary["fastest mode over NGRAM, every point"]["measured"] == min(
+        speedup(p, index, over="ngram") for p in points if p.config == "flexdraft-flex")
+    assert summary["fastest mode over EAGLE3, concurrency 1"]["measured"] is None  # not measured: no verdict
+    assert summary["fastest mode over EAGLE3, concurrency 1"]["met"] is None
     plots = write_plots(points, out)
     assert [p.name for p in plots] == ["plot-toy-T0.png", "plot-toy-T1.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
@@ -67,3 +73,26 @@ def test_eval_measures_every_point_reports_and_resumes(tmp_path):
     assert (out / RESULTS).read_text().splitlines()[: len(lines) - 1] == lines[:-1]
     assert json.loads((out / RESULTS).read_text().splitlines()[-1])["config"] == json.loads(lines[-1])["config"]
     assert len(load_points(out)) == 12
+
+
+def test_targets_hold_the_fastest_flexdraft_mode_against_each_rival():
+    from flexdraft_sgl.eval.report import best_flexdraft
+    from flexdraft_sgl.eval.serving import Point
+
+    rates = {  # tokens/s at concurrency 1 and 8
+        "plain": (10.0, 40.0), "plain-sync": (12.0, 36.0), "flexdraft-parallel": (18.0, 30.0),
+        "flexdraft-sequential": (15.0, 44.0), "flexdraft-flex": (11.0, 42.0), "ngram": (9.0, 20.0),
+        "eagle3": (20.0, 50.0)}
+    points = [Point(name, "mt-bench", 0.0, c, tokens_per_second=r) for name, pair in rates.items()
+              for c, r in zip((1, 8), pair)]
+    index = {p.key: p for p in points}
+    assert best_flexdraft(index, "mt-bench", 0, 1).config == "flexdraft-parallel"
+    assert best_flexdraft(index, "mt-bench", 0, 8).config == "flexdraft-sequential"
+    over_plain, flex, over_ngram, over_eagle3_loaded, over_eagle3_alone = targets(points)
+    assert over_plain["measured"] == 18.0 / 12.0  # over the faster plain configuration
+    assert flex["measured"] == 11.0 / 12.0 and flex["met"] is False
+    assert over_ngram["measured"] == min(18.0 / 9.0, 44.0 / 20.0)
+    assert over_eagle3_loaded["measured"] == 44.0 / 50.0 and over_eagle3_loaded["met"] is False
+    assert over_eagle3_alone["measured"] == 18.0 / 20.0 and over_eagle3_alone["met"] is True
+    report = markdown_report(points)
+    assert "| fastest mode | parallel | sequential |" in report and "| over eagle3 | 0.90x | 0.88x |" in report

@@ -5,10 +5,11 @@ cache works, and bad input is refused with clear messages."""
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import random_adapter, random_prompts, tiny_target
+from conftest import hf_greedy, random_adapter, random_prompts, tiny_target
 
 from flexdraft_sgl.adapter import FlexDraftAdapter
 from flexdraft_sgl.core.policy import ForwardCostTable
@@ -25,13 +26,18 @@ ACCEPT_LENGTH_FLOOR = {"parallel": 1.28, "sequential": 2.32, "demo": 1.2}
 @functools.lru_cache(maxsize=None)
 def tiny_setup(tmp_root: str, arch: str = "llama", calibration: str = "logits/unit-rms"):
     """A 16-token random target (random drafts get accepted often enough) and a random adapter, as folders;
-    `calibration` is the adapter's calibration form and input scaling."""
+    `calibration` is the adapter's calibration form and input scaling, and "/vocab" adds a draft vocabulary: the 8
+    tokens most frequent in the target's greedy answers, as `flexdraft train --draft-vocab` picks them."""
     model = tiny_target(arch, vocab=16, seed=3)
     model.save_pretrained(f"{tmp_root}/{arch}")
-    form, scaling = calibration.split("/")
-    adapter_dir = f"{tmp_root}/{arch}-{form}-{scaling}-adapter"
-    random_adapter(model, tuned_depth=2, block_size=6, seed=5, calibration_form=form,
-                   calibration_input=scaling).save(adapter_dir)
+    form, scaling, *vocab = calibration.split("/")
+    draft_vocab = None
+    if vocab:
+        answers = Counter(t for p in random_prompts(8, 16, seed=9, max_len=12) for t in hf_greedy(model, p, 16))
+        draft_vocab = sorted(t for t, _ in answers.most_common(8))
+    adapter_dir = f"{tmp_root}/{arch}-{calibration.replace('/', '-')}-adapter"
+    random_adapter(model, tuned_depth=2, block_size=6, seed=5, calibration_form=form, calibration_input=scaling,
+                   draft_vocab=draft_vocab).save(adapter_dir)
     return model, f"{tmp_root}/{arch}", adapter_dir
 
 
@@ -62,6 +68,7 @@ def plain_outputs(model_dir: str, prompts: tuple):
     ("llama", "parallel", "logits/unit-rms"), ("llama", "sequential", "logits/unit-rms"),
     ("qwen2", "parallel", "logits/unit-rms"), ("qwen3", "sequential", "logits/unit-rms"),
     ("llama", "parallel", "hidden/raw"),  # the correction in hidden space, read through the LM head
+    ("llama", "sequential", "hidden/unit-rms/vocab"),  # drafts from a draft vocabulary alone
 ])
 def test_tiny_greedy_equals_plain_sglang_and_the_reference_engine(tiny_root, arch, mode, calibration):
     model, model_dir, adapter_dir = tiny_setup(tiny_root, arch, calibration)

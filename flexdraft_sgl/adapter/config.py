@@ -90,6 +90,7 @@ class AdapterConfig:
     calibration_rank: int  # r: hidden width of the calibration MLP
     calibration_form: str = "logits"  # its correction: added to the logits, or to the hidden state before the head
     calibration_input: str = "unit-rms"  # its inputs scaled to unit RMS, or raw
+    draft_vocab_size: int = 0  # V': drafts come from these most frequent tokens alone (0: the whole vocabulary)
     target_name: str = ""  # informational: the model path or name it was trained on
     vocab_digest: str | None = None
     verify_rule: str = "cumulative_product"
@@ -112,10 +113,21 @@ class AdapterConfig:
             raise AdapterError(f"calibration_form must be one of {CALIBRATION_FORMS}, got {self.calibration_form!r}")
         if self.calibration_input not in CALIBRATION_INPUTS:
             raise AdapterError(f"calibration_input must be one of {CALIBRATION_INPUTS}, got {self.calibration_input!r}")
+        if not 0 <= self.draft_vocab_size <= self.target.vocab_size:
+            raise AdapterError(f"draft_vocab_size must be between 0 (the whole vocabulary) and the target's "
+                               f"{self.target.vocab_size}, got {self.draft_vocab_size}")
+        if self.draft_vocab_size and self.calibration_form != "hidden":
+            # A logits-form calibration corrects every token's logit (r x V), so drafting from fewer saves nothing.
+            raise AdapterError("a draft vocabulary needs a hidden-form calibration (calibration_form 'hidden')")
 
     @property
     def split_layer(self) -> int:
         return self.target.num_layers - self.tuned_depth
+
+    @property
+    def draft_head_fraction(self) -> float:
+        """The part of the LM head a draft row reads: its draft vocabulary's share of the target's."""
+        return self.draft_vocab_size / self.target.vocab_size if self.draft_vocab_size else 1.0
 
     @property
     def fingerprint(self) -> str:

@@ -8,6 +8,8 @@
                      the final N layers; candidate and prompt rows keep the target's own
   calibration        Linear(2H -> r) -> SiLU -> Linear(r -> V) over [embedding(bonus), final-normed mask hidden],
                      added to the mask row's draft logits (or Linear(r -> H) added before the LM head: `CalibrationMLP`)
+  draft_vocab        [V'] (optional): the token ids drafts are drawn from, the most frequent in the training answers;
+                     a draft row then reads V' rows of the LM head instead of all V (`draft_head`)
 
 Saved as a folder: `flexdraft_adapter.json` (AdapterConfig), `adapter.safetensors`, and `config.json`, the target's
 own Hugging Face config: SGLang reads `--speculative-draft-model-path` as a model config for every algorithm, and this
@@ -16,10 +18,12 @@ one describes exactly the model the drafts run on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -110,6 +114,22 @@ class CalibrationMLP(nn.Module):
         return head(hidden)[..., :self.vocab_size] + correction  # a padded vocabulary keeps its first V columns
 
 
+def draft_head(lm_head_weight: Tensor, draft_vocab: Tensor | None, vocab_size: int):
+    """hidden -> draft logits [..., vocab_size]. Without a draft vocabulary: the target's LM head. With one: only the
+    head's rows for those tokens are multiplied (SmolLM2: 4,096 of 49,152, the head being a fifth of a decode step's
+    weights) and every other token's logit is -inf, so it is never drafted and has draft probability 0. Only drafts
+    read this head; verification reads the target's own, so the restriction can cost acceptance, never correctness."""
+    if draft_vocab is None:
+        return lambda hidden: F.linear(hidden, lm_head_weight)
+    rows = lm_head_weight[draft_vocab]  # gathered once: [V', H]
+
+    def head(hidden: Tensor) -> Tensor:
+        logits = hidden.new_full((*hidden.shape[:-1], vocab_size), float("-inf"))
+        return logits.scatter_(-1, draft_vocab.expand(*hidden.shape[:-1], -1), F.linear(hidden, rows))
+
+    return head
+
+
 class FlexDraftAdapter(nn.Module):
     def __init__(self, config: AdapterConfig, rms_norm_eps: float = 1e-6):
         super().__init__()
@@ -119,7 +139,30 @@ class FlexDraftAdapter(nn.Module):
         self.attention = nn.ModuleList(TunedAttention(spec, rms_norm_eps) for _ in range(config.tuned_depth))
         self.calibration = CalibrationMLP(spec.hidden_size, config.calibration_rank, spec.vocab_size,
                                           config.calibration_form, config.calibration_input)
+        if config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))
+        else:
+            self.draft_vocab: Tensor | None = None
         self.target_hf_config: dict | None = None  # written beside the adapter for SGLang (see module docstring)
+
+    def with_draft_vocab(self, token_ids: Tensor | None) -> FlexDraftAdapter:
+        """This adapter drafting from `token_ids` alone (None: the whole vocabulary); the weights are shared."""
+        vocab = self.config.target.vocab_size
+        if token_ids is not None:
+            token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().cpu()
+            _check_draft_vocab(token_ids, vocab, "the draft vocabulary")
+        config = dataclasses.replace(self.config, draft_vocab_size=0 if token_ids is None else len(token_ids))
+        other = FlexDraftAdapter(config)
+        other.mask_embedding, other.attention, other.calibration = self.mask_embedding, self.attention, self.calibration
+        if token_ids is not None:
+            other.draft_vocab = token_ids.to(self.mask_embedding.device)
+        other.target_hf_config = self.target_hf_config
+        return other
+
+    def draft_head(self, lm_head_weight: Tensor):
+        """The LM head the drafts read (`draft_head`), over the target's `lm_head_weight`."""
+        vocab = None if self.draft_vocab is None else self.draft_vocab.to(lm_head_weight.device)
+        return draft_head(lm_head_weight, vocab, self.config.target.vocab_size)
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -155,7 +198,8 @@ class FlexDraftAdapter(nn.Module):
         """Write the folder; `dtype` stores the weights in another precision (bfloat16 halves the file)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype).contiguous().cpu()
+                   for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": self.config.format})
         (directory / CONFIG_FILE).write_text(self.config.to_json())
         if self.target_hf_config is not None:
@@ -194,7 +238,19 @@ class FlexDraftAdapter(nn.Module):
         ]
         if problems:
             raise AdapterError(f"{weights_path} does not match its config: " + "; ".join(problems[:5]))
+        if "draft_vocab" in state:
+            _check_draft_vocab(state["draft_vocab"], config.target.vocab_size, str(weights_path))
         adapter.load_state_dict(state)
         if (directory / TARGET_CONFIG_FILE).is_file():
             adapter.target_hf_config = json.loads((directory / TARGET_CONFIG_FILE).read_text())
-        return adapter.to(device=device, dtype=dtype or next(iter(state.values())).dtype)
+        weights_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+        return adapter.to(device=device, dtype=dtype or weights_dtype)  # .to(dtype) leaves the integer vocabulary
+
+
+def _check_draft_vocab(token_ids: Tensor, vocab_size: int, source: str) -> None:
+    if token_ids.dtype != torch.long or token_ids.dim() != 1 or len(token_ids) == 0:
+        raise AdapterError(f"{source}: draft_vocab must be a non-empty 1-D int64 tensor of token ids")
+    if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size:
+        raise AdapterError(f"{source}: draft_vocab holds ids outside the target's vocabulary of {vocab_size}")
+    if len(torch.unique(token_ids)) != len(token_ids):
+        raise AdapterError(f"{source}: draft_vocab repeats token ids")

@@ -79,10 +79,11 @@ class StepPlan:
     predicted: dict  # mode -> the best predicted tokens per second of that mode
 
 
-def deep_pass_weight(tuned_depth: int, num_layers: int, head_share: float = 0.0) -> float:
+def deep_pass_weight(tuned_depth: int, num_layers: int, head_share: float = 0.0,
+                     draft_head_fraction: float = 1.0) -> float:
     """A forward through the final N layers and the LM head, as a fraction of a full forward of the same rows, whose
-    cost `head_share` of is the head's."""
-    return head_share + (1 - head_share) * tuned_depth / num_layers
+    cost `head_share` of is the head's; a draft row reads `draft_head_fraction` of the head (its draft vocabulary)."""
+    return head_share * draft_head_fraction + (1 - head_share) * tuned_depth / num_layers
 
 
 def step_seconds(mode: Mode, cost: ForwardCostTable, *, batch_size: int, full_rows: float, block_size: int,
@@ -115,16 +116,17 @@ def plan_step(
     verify_caps: tuple[int, ...] | None = None,
     acceptance_scale: float = 1.0,
     head_share: float = 0.0,
+    draft_head_fraction: float = 1.0,
 ) -> StepPlan:
     """Choose the mode and per-request verify lengths. draft_top_probs: [bs, B-1] top probability of each draft.
     Verify lengths are the confidence rule's, cut at each cap in `verify_caps` (default 1..B-1: the verify-length
     tiers an engine can run); the best (mode, cap) pair wins. `acceptance_scale` corrects the accepted drafts that
     confidence predicts by what was measured (`AcceptanceTracker.scale`); `head_share` is the LM head's share of a
-    full forward's cost (`deep_pass_weight`)."""
+    full forward's cost and `draft_head_fraction` the part of it a draft row reads (`deep_pass_weight`)."""
     bs = draft_top_probs.shape[0]
     rule_lens = verify_lengths(draft_top_probs, rule, threshold, max_len=block_size - 1)
     caps = verify_caps or tuple(range(1, block_size))
-    deep_weight = deep_pass_weight(tuned_depth, num_layers, head_share)
+    deep_weight = deep_pass_weight(tuned_depth, num_layers, head_share, draft_head_fraction)
     best: dict[Mode, tuple[float, Tensor]] = {}
     for mode in modes:
         for cap in (0,) if mode is Mode.PLAIN else caps:

@@ -30,14 +30,13 @@ Output folder:
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..train.data import Sample
+from ..train.data import Sample, frequent_tokens
 from ..train.trainer import atomic_save, batch_for_step, cosine_schedule, load_checkpoint, run_steps
 from .model import Eagle3Draft
 
@@ -67,18 +66,6 @@ class Eagle3TrainConfig:
 
 def learning_rate(config: Eagle3TrainConfig, step: int) -> float:
     return cosine_schedule(config.lr, step, config.warmup_steps, config.steps)
-
-
-def frequent_tokens(samples: list[Sample], vocab_size: int, count: int) -> Tensor:
-    """The draft vocabulary: the `count` target ids most frequent in the responses (ties: lower id first), then, if
-    the responses hold fewer distinct ids, the most frequent in the prompts, then the lowest ids left; sorted."""
-    if count > vocab_size:
-        raise ValueError(f"a draft vocabulary of {count} is larger than the target's ({vocab_size})")
-    responses = Counter(t for s in samples for t in s.response_ids)
-    prompts = Counter(t for s in samples for t in s.prompt_ids)
-    rank = lambda t: ((0, -responses[t], t) if t in responses else  # noqa: E731
-                      (1, -prompts[t], t) if t in prompts else (2, 0, t))
-    return torch.tensor(sorted(sorted(range(vocab_size), key=rank)[:count]), dtype=torch.long)
 
 
 @torch.no_grad()

@@ -254,18 +254,22 @@ class ReferenceEngine:
     def target_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self.norm(hidden))
 
+    def draft_head(self):
+        """The LM head drafts read: the target's, restricted to the adapter's draft vocabulary if it has one."""
+        return self.adapter.draft_head(self.lm_head.weight)
+
     def draft_logits(self, hidden: Tensor, bonus: Tensor) -> Tensor:
         """Calibrated draft logits for mask rows 1..B-1. hidden [bs, B-1, H] (pre-norm), bonus [bs]: the token
         resolved at the block's row 0."""
         h = self.norm(hidden)
-        return self.adapter.calibration.logits(self.embed(bonus)[:, None].expand_as(h), h, self.lm_head)
+        return self.adapter.calibration.logits(self.embed(bonus)[:, None].expand_as(h), h, self.draft_head())
 
     def calibrated_drafts(self, hidden: Tensor, bonus: Tensor, temperatures: Tensor | None) -> CalibratedDrafts:
         """What decoding reads from the draft logits of `draft_logits` (argmax, confidence, distribution), in one
         pass through the calibration kernel on a GPU."""
         h = self.norm(hidden)
-        return calibrated_drafts(self.adapter.calibration, self.embed(bonus)[:, None].expand_as(h), h, self.lm_head,
-                                 temperatures)
+        return calibrated_drafts(self.adapter.calibration, self.embed(bonus)[:, None].expand_as(h), h,
+                                 self.draft_head(), temperatures)
 
     # ---- generation --------------------------------------------------------------------------------------------
     @torch.inference_mode()

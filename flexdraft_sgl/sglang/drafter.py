@@ -125,6 +125,14 @@ class MaskBlockDrafter(nn.Module):
         )
         self.mask_embedding = adapter.mask_embedding.detach().to(self.device, self.dtype)
         self.calibration = adapter.calibration.to(self.device, self.dtype)
+        self._draft_vocab_head = None  # the LM head over the adapter's draft vocabulary alone, if it has one
+        if adapter.draft_vocab is not None:
+            weight = model.lm_head.weight
+            if _tp_size() > 1:  # this rank holds a slice of the (padded) vocabulary: gather it once, keep V' rows
+                from sglang.srt.distributed import tensor_model_parallel_all_gather
+
+                weight = tensor_model_parallel_all_gather(weight.contiguous(), dim=0)
+            self._draft_vocab_head = adapter.draft_head(weight)
         self._flashinfer: FlashInferMaskAttention | None = None  # created at the first GPU step
 
     def _plan_attention(self, qo_indptr: Tensor, kv_indptr: Tensor, kv_indices: Tensor):
@@ -181,6 +189,8 @@ class MaskBlockDrafter(nn.Module):
         return calibrated_drafts(self.calibration, bonus_embedding, hidden, self._lm_head, temperatures)
 
     def _lm_head(self, hidden: Tensor) -> Tensor:
+        if self._draft_vocab_head is not None:
+            return self._draft_vocab_head(hidden)
         logits = F.linear(hidden, self.model.lm_head.weight)
         if _tp_size() > 1:  # the LM head holds this rank's slice of the (padded) vocabulary
             from sglang.srt.distributed import tensor_model_parallel_all_gather

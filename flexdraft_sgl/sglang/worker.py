@@ -218,7 +218,7 @@ class FlexDraftWorker(BaseSpecWorker):
                          block_size=self.block_size, tuned_depth=cfg.tuned_depth, num_layers=cfg.target.num_layers,
                          rule=self.settings.verify_rule, threshold=self.settings.verify_threshold,
                          fused_parallel=False, verify_caps=caps, acceptance_scale=self.acceptance.scale,
-                         head_share=self._head_share)
+                         head_share=self._head_share, draft_head_fraction=cfg.draft_head_fraction)
         if plan.mode is not self._flex_mode:  # logged on change only: one line per switch
             self._flex_mode, self._placeholders_logged = plan.mode, False
             logger.info("FLEXDRAFT flex: %s mode from a batch of %d (predicted %s tokens/s; acceptance %.2f of "

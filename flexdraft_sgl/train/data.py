@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -177,3 +178,18 @@ def load_samples(folder: str | Path) -> list[Sample]:
                 d = json.loads(line)
                 samples.append(Sample(d["index"], d["prompt_ids"], d["response_ids"]))
     return samples
+
+
+def frequent_tokens(samples: list[Sample], vocab_size: int, count: int):
+    """A draft vocabulary (EAGLE-3's, and FlexDraft's `--draft-vocab`): the `count` target ids most frequent in the
+    responses (ties: lower id first), then, if the responses hold fewer distinct ids, the most frequent in the prompts,
+    then the lowest ids left; a sorted int64 tensor."""
+    import torch
+
+    if count > vocab_size:
+        raise ValueError(f"a draft vocabulary of {count} is larger than the target's ({vocab_size})")
+    responses = Counter(t for s in samples for t in s.response_ids)
+    prompts = Counter(t for s in samples for t in s.prompt_ids)
+    rank = lambda t: ((0, -responses[t], t) if t in responses else  # noqa: E731
+                      (1, -prompts[t], t) if t in prompts else (2, 0, t))
+    return torch.tensor(sorted(sorted(range(vocab_size), key=rank)[:count]), dtype=torch.long)
