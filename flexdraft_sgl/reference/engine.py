@@ -11,6 +11,7 @@ accepted count, so rejected slots are simply overwritten later). Mask rows never
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -254,22 +255,24 @@ class ReferenceEngine:
     def target_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self.norm(hidden))
 
+    @functools.cached_property
     def draft_head(self):
-        """The LM head drafts read: the target's, restricted to the adapter's draft vocabulary if it has one."""
+        """The LM head drafts read: the target's, restricted to the adapter's draft vocabulary if it has one (its rows
+        gathered once, as the SGLang drafter does, not at every draft step)."""
         return self.adapter.draft_head(self.lm_head.weight)
 
     def draft_logits(self, hidden: Tensor, bonus: Tensor) -> Tensor:
         """Calibrated draft logits for mask rows 1..B-1. hidden [bs, B-1, H] (pre-norm), bonus [bs]: the token
         resolved at the block's row 0."""
         h = self.norm(hidden)
-        return self.adapter.calibration.logits(self.embed(bonus)[:, None].expand_as(h), h, self.draft_head())
+        return self.adapter.calibration.logits(self.embed(bonus)[:, None].expand_as(h), h, self.draft_head)
 
     def calibrated_drafts(self, hidden: Tensor, bonus: Tensor, temperatures: Tensor | None) -> CalibratedDrafts:
         """What decoding reads from the draft logits of `draft_logits` (argmax, confidence, distribution), in one
         pass through the calibration kernel on a GPU."""
         h = self.norm(hidden)
         return calibrated_drafts(self.adapter.calibration, self.embed(bonus)[:, None].expand_as(h), h,
-                                 self.draft_head(), temperatures)
+                                 self.draft_head, temperatures)
 
     # ---- generation --------------------------------------------------------------------------------------------
     @torch.inference_mode()
