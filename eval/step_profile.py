@@ -5,19 +5,22 @@
 One SGLang server per mode (parallel, sequential) and verify width W, started with `--speculative-num-draft-tokens W`
 and FLEXDRAFT_VERIFY_THRESHOLD=0, so the confidence rule (and the cap measured acceptance puts on it) grants all W-1
 drafts and every step verifies W-1 of them through the default planning path; FLEXDRAFT_PROFILE makes the worker
-append one line per decode step with each part timed (`flexdraft_sgl/sglang/profile.py`). Every server gets the same
-shared arguments (`launch.default_server_args`) and synthetic prompts (random token ids of one length).
+append one line per decode step with each part timed (`flexdraft_sgl/sglang/profile.py`). Mode `plain` profiles
+FLEXDRAFT's own plain step instead (FLEXDRAFT_MODE=flex, FLEXDRAFT_FLEX_MODES=plain: one row per request, what flex
+runs when drafting does not pay). Every server gets the same shared arguments (`launch.default_server_args`) and
+synthetic prompts (random token ids of one length).
 
 The plain step comes from a plain SGLang server started in the same run with the same arguments plus
 `--disable-overlap-schedule` (FLEXDRAFT switches overlap off for itself): with FLEXDRAFT_PROFILE set the plugin times
 plain SGLang's decode steps with the same timer at the same boundary, the model-worker call the scheduler makes for
 one batch (`TpModelWorker.forward_batch_generation` there, `FlexDraftWorker.forward_batch_generation` here). So both
 figures hold the same work: building the forward batch, the forward, sampling or acceptance; neither holds the
-scheduler's own bookkeeping, and the client's latency never enters.
+scheduler's own bookkeeping, and the client's latency never enters. The scheduler's part shows in "step to step", the
+mean time from one step's start to the next's, for both.
 
-At each batch size bs the client sends bs concurrent greedy requests with ignore_eos and a fixed max_new_tokens; the
-steps that ran the full batch are the steady state, of which the first `--skip` (first use of new shapes) are
-dropped and the rest averaged. Writes raw/<server>.jsonl (the profile lines), summary.json and report.md.
+At each batch size bs the client sends bs concurrent requests (greedy, or sampled at `--temperature`) with ignore_eos
+and a fixed max_new_tokens; the steps that ran the full batch are the steady state, of which the first `--skip` (first
+use of new shapes) are dropped and the rest averaged. Writes raw/<server>.jsonl (the profile lines), summary.json and report.md.
 """
 
 from __future__ import annotations
@@ -70,15 +73,19 @@ def steady(lines: list[dict], bs: int, skip: int) -> list[dict]:
 
 
 def summarize(lines: list[dict]) -> dict:
-    """Mean seconds of each part and of the whole step over `lines` (a part absent from a step counts 0), and the
-    median step: far below the mean, it shows steps slowed by something else running on the machine."""
+    """Mean seconds of each part and of the whole step over `lines` (a part absent from a step counts 0), the
+    median step (far below the mean, it shows steps slowed by something else running on the machine), and the mean
+    interval from one step's start to the next's: the step plus the scheduler's work between steps."""
     if not lines:
-        return {"steps": 0, "sections": {}, "total": None, "median_total": None}
+        return {"steps": 0, "sections": {}, "total": None, "median_total": None, "interval": None}
     names = list(dict.fromkeys(name for line in lines for name in line["sections"]))
+    starts = [line["start"] for line in lines if "start" in line]
+    interval = (starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) == len(lines) > 1 else None
     return {"steps": len(lines),
             "sections": {n: sum(line["sections"].get(n, 0.0) for line in lines) / len(lines) for n in names},
             "total": sum(line["total"] for line in lines) / len(lines),
-            "median_total": statistics.median(line["total"] for line in lines)}
+            "median_total": statistics.median(line["total"] for line in lines),
+            "interval": interval}
 
 
 def _cell(seconds: float | None, plain: float | None) -> str:
@@ -97,7 +104,9 @@ def markdown_tables(points: list[dict]) -> str:
         mine = sorted((p for p in points if (p["mode"], p["width"]) == (mode, width)), key=lambda p: p["bs"])
         names = list(dict.fromkeys(n for p in mine for n in p["sections"]))
         ordered = [n for n in PARTS if n in names] + [n for n in names if n not in PARTS]
-        out += [f"### {mode}, W = {width} ({width - 1} drafts verified per step)", "",
+        title = (f"{mode}, W = {width} ({width - 1} drafts verified per step)" if mode != "plain" else
+                 "plain: flex allowed only plain steps (FLEXDRAFT_FLEX_MODES=plain), one row per request")
+        out += [f"### {title}", "",
                 "| part | " + " | ".join(f"bs {p['bs']}" for p in mine) + " |",
                 "|---|" + "---|" * len(mine)]
         for name in ordered:
@@ -106,6 +115,10 @@ def markdown_tables(points: list[dict]) -> str:
         out.append("| **FLEXDRAFT step** | " + " | ".join(f"**{_cell(p['total'], p['plain'])}**" for p in mine) + " |")
         out.append("| FLEXDRAFT step, median | " + " | ".join(_cell(p.get("median_total"), None) for p in mine) + " |")
         out.append("| plain SGLang step | " + " | ".join(_cell(p["plain"], None) for p in mine) + " |")
+        out.append("| FLEXDRAFT step to step (scheduler included) | "
+                   + " | ".join(_cell(p.get("interval"), p.get("plain_interval")) for p in mine) + " |")
+        out.append("| plain SGLang step to step | " + " | ".join(_cell(p.get("plain_interval"), None) for p in mine)
+                   + " |")
         out.append("| tokens per step (these prompts) | "
                    + " | ".join(f"{p['tokens_per_step']:.2f}" if p.get("tokens_per_step") else "-" for p in mine)
                    + " |")
@@ -132,15 +145,15 @@ def _prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(count)]
 
 
-def _generate(server, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
+def _generate(server, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0) -> list[dict]:
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "ignore_eos": True}
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(lambda ids: server.post("/generate", {"input_ids": ids, "sampling_params": params}),
                              prompts))
 
 
 def profile_server(name: str, args: list[str], env: dict, out: Path, batch_sizes, *, vocab: int, prompt_len: int,
-                   max_new_tokens: int, skip: int, log=print) -> list[dict]:
+                   max_new_tokens: int, temperature: float, skip: int, log=print) -> list[dict]:
     """Start one server with FLEXDRAFT_PROFILE=out/raw/<name>.jsonl; per batch size, the steady steps' figures."""
     from flexdraft_sgl.sglang.launch import SGLangServer
 
@@ -151,7 +164,7 @@ def profile_server(name: str, args: list[str], env: dict, out: Path, batch_sizes
         _generate(server, _prompts(1, prompt_len, vocab, seed=99), 8)  # warm-up
         for bs in batch_sizes:
             offset = _size(raw)
-            replies = _generate(server, _prompts(bs, prompt_len, vocab, seed=bs), max_new_tokens)
+            replies = _generate(server, _prompts(bs, prompt_len, vocab, seed=bs), max_new_tokens, temperature)
             lines = steady(_read_from(raw, offset), bs, skip)
             verify = sum(r["meta_info"].get("spec_verify_ct", 0) for r in replies)
             tokens = sum(len(r["output_ids"]) for r in replies)
@@ -163,7 +176,7 @@ def profile_server(name: str, args: list[str], env: dict, out: Path, batch_sizes
 
 
 def run(model: str, adapter: str, out: Path, *, modes, widths, batch_sizes, prompt_len: int, max_new_tokens: int,
-        skip: int, max_total_tokens: int, log=print) -> list[dict]:
+        temperature: float, skip: int, max_total_tokens: int, log=print) -> list[dict]:
     from transformers import AutoConfig
 
     from flexdraft_sgl.sglang.launch import default_server_args, flexdraft_args
@@ -172,30 +185,39 @@ def run(model: str, adapter: str, out: Path, *, modes, widths, batch_sizes, prom
     (out / "raw").mkdir(exist_ok=True)
     vocab = AutoConfig.from_pretrained(model).vocab_size
     base = default_server_args(model, max_total_tokens) + ["--skip-tokenizer-init"]
-    common = dict(vocab=vocab, prompt_len=prompt_len, max_new_tokens=max_new_tokens, skip=skip, log=log)
-    plain = {p["bs"]: p["total"] for p in profile_server(PLAIN, base + ["--disable-overlap-schedule"], {}, out,
-                                                            batch_sizes, **common)}
+    common = dict(vocab=vocab, prompt_len=prompt_len, max_new_tokens=max_new_tokens, temperature=temperature,
+                  skip=skip, log=log)
+    plain = {p["bs"]: p for p in profile_server(PLAIN, base + ["--disable-overlap-schedule"], {}, out, batch_sizes,
+                                                **common)}
     points = []
     for mode in modes:
-        for width in widths:
-            args = base + flexdraft_args(adapter) + ["--speculative-num-draft-tokens", str(width)]
-            env = {"FLEXDRAFT_MODE": mode, "FLEXDRAFT_VERIFY_THRESHOLD": "0"}
-            for p in profile_server(f"{mode}-W{width}", args, env, out, batch_sizes, **common):
+        for width in (1,) if mode == "plain" else widths:
+            if mode == "plain":  # FLEXDRAFT's own plain step: flex allowed nothing else
+                args = base + flexdraft_args(adapter)
+                env, name = {"FLEXDRAFT_MODE": "flex", "FLEXDRAFT_FLEX_MODES": "plain"}, "flex-plain"
+            else:
+                args = base + flexdraft_args(adapter) + ["--speculative-num-draft-tokens", str(width)]
+                env, name = {"FLEXDRAFT_MODE": mode, "FLEXDRAFT_VERIFY_THRESHOLD": "0"}, f"{mode}-W{width}"
+            for p in profile_server(name, args, env, out, batch_sizes, **common):
                 if p["widths"] not in ([], [width]):
-                    raise RuntimeError(f"{mode} W={width} bs={p['bs']}: steps verified widths {p['widths']}, not "
-                                       f"{width} alone")
-                points.append({**p, "mode": mode, "width": width, "plain": plain[p["bs"]]})
+                    raise RuntimeError(f"{name} bs={p['bs']}: steps verified widths {p['widths']}, not {width} alone")
+                base_point = plain[p["bs"]]
+                points.append({**p, "mode": mode, "width": width, "plain": base_point["total"],
+                               "plain_interval": base_point.get("interval")})
     return points
 
 
-def report(points: list[dict], *, model: str, adapter: str, prompt_len: int, max_new_tokens: int, skip: int) -> str:
+def report(points: list[dict], *, model: str, adapter: str, prompt_len: int, max_new_tokens: int, temperature: float,
+           skip: int) -> str:
+    decoding = "greedy" if temperature == 0 else f"sampled at temperature {temperature:g}"
     head = (f"Step profile of FLEXDRAFT in SGLang (`eval/step_profile.py`): target `{Path(model).name}`, adapter "
-            f"`{Path(adapter).name}`, {prompt_len}-token synthetic prompts, greedy, {max_new_tokens} new tokens per "
+            f"`{Path(adapter).name}`, {prompt_len}-token synthetic prompts, {decoding}, {max_new_tokens} new tokens per "
             f"request (ignore_eos); per batch size bs, the mean over the steps that ran all bs requests (the first "
             f"{skip} dropped). Each cell: milliseconds per step, and in brackets as a fraction of a plain SGLang "
             "decode step at the same batch size, timed in the same run at the same boundary (the model-worker call "
             "the scheduler makes for one batch; overlap scheduling off for both). Parts hold only their own time "
-            "(a nested part is not in its parent), so they add up to the step.")
+            "(a nested part is not in its parent), so they add up to the step. \"Step to step\" is the mean time from "
+            "one step's start to the next's: the step and the scheduler's work around it.")
     return head + "\n\n" + markdown_tables(points)
 
 
@@ -206,7 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="target folder (default: the embedded SmolLM2)")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the shipped one)")
     p.add_argument("--out", required=True)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"of {', '.join(MODES + ('plain',))}; plain: FLEXDRAFT's plain step (flex allowed only it)")
+    p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     p.add_argument("--prompt-len", type=int, default=64)
@@ -220,7 +244,8 @@ def main(argv=None) -> int:
     model = args.model or str(default_model_dir())
     adapter = args.adapter or str(default_adapter_path())
     out = Path(args.out)
-    settings = dict(prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, skip=args.skip)
+    settings = dict(prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    skip=args.skip)
     points = run(model, adapter, out, modes=args.modes.split(","), widths=[int(w) for w in args.widths.split(",")],
                  batch_sizes=[int(b) for b in args.batch_sizes.split(",")], max_total_tokens=args.max_total_tokens,
                  **settings)

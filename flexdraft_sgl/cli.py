@@ -147,10 +147,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_measure_costs(args) -> int:
+    from .core.policy import COST_TABLE_ROWS
     from .reference import ReferenceEngine
 
     model, _, path = _load_target(args)
-    rows = tuple(int(r) for r in args.rows.split(","))
+    rows = tuple(int(r) for r in args.rows.split(",")) if args.rows else COST_TABLE_ROWS
     table = ReferenceEngine(model).measure_cost_table(rows, prefix_len=args.prefix_len, repeats=args.repeats)
     with open(args.out, "w") as f:
         f.write(table.to_json() + "\n")
@@ -354,7 +355,8 @@ def cmd_eval(args) -> int:
     header = (f"`flexdraft eval` of `{Path(model).name}` (adapter `{Path(adapter).name if adapter else '-'}`): "
               f"{', '.join(names)}; at most {plan.max_new_tokens} new tokens; prompts per point: "
               f"{'max(%d, concurrency)' % plan.num_prompts if plan.num_prompts else '2 x concurrency'}; "
-              "all configurations measured one after another on this machine in one run.")
+              "configurations measured one after another on this machine (a rerun into the same folder measures only "
+              "the points missing from it).")
     lines = [markdown_report(points, header), "## Targets", "", *targets_table(points)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     write_plots(points, out)
@@ -596,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("measure-costs", help="time target forwards against rows: the flex policy's cost table")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="JSON file to write (read by generate --cost-table)")
-    p.add_argument("--rows", default="1,2,4,8,16,32,64,128,256", help="comma-separated row counts")
+    p.add_argument("--rows", help="comma-separated row counts (default: core.policy.COST_TABLE_ROWS, 1 to 512)")
     p.add_argument("--prefix-len", type=int, default=64, help="cached tokens before the timed rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)

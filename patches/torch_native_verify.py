@@ -38,12 +38,14 @@ class VerifyMetadata:
 
     rows_per_request: int
     kv_indices: list[torch.Tensor]  # per request: int64 KV slots read, seq_len + W of them
-    masks: list[torch.Tensor]  # per request: bool [W, seq_len + W], True = may attend
+    masks: list[torch.Tensor | None]  # per request: bool [W, seq_len + W], True = may attend; None = all
     write_loc: object  # KVWriteLoc of the W*bs new rows
     kv_pool: object  # the backend's token_to_kv_pool
 
 
-def _request_masks(custom_mask, seq_lens: list[int], w: int, device=None) -> list[torch.Tensor]:
+def _request_masks(custom_mask, seq_lens: list[int], w: int, device=None) -> list[torch.Tensor | None]:
+    if custom_mask is None and w == 1:  # one row sees its whole prefix and itself: SDPA needs no mask
+        return [None] * len(seq_lens)
     if custom_mask is None:
         return [torch.ones(w, n + w, dtype=torch.bool, device=device).tril(n) for n in seq_lens]
     mask = custom_mask.flatten().bool()

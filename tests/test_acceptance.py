@@ -8,8 +8,9 @@ from scipy.stats import chisquare
 
 from flexdraft_sgl.core.acceptance import greedy_verify, speculative_verify
 from flexdraft_sgl.core.confidence import expected_tokens, measured_verify_len, verify_lengths
-from flexdraft_sgl.core.policy import (AcceptanceTracker, ForwardCostTable, Mode, deep_pass_weight,
-                                       plain_tokens_per_second, plan_step, row_outcomes)
+from flexdraft_sgl.core.policy import (AcceptanceTracker, ForwardCostTable, Mode, cost_table_shapes,
+                                       deep_pass_weight, measure_cost_table, plain_tokens_per_second, plan_step,
+                                       row_outcomes)
 from flexdraft_sgl.core.sampling import SamplingParams, filtered_probs, sample
 
 ALPHA = 1e-3  # significance of every distribution test; seeds are fixed, so each test is deterministic
@@ -118,6 +119,27 @@ def test_cost_table_interpolates_and_round_trips():
     assert ForwardCostTable.from_json(table.to_json()) == table
     with pytest.raises(ValueError):
         ForwardCostTable((1, 1), (1.0, 2.0))
+
+
+def test_cost_tables_are_timed_on_plain_and_verify_shaped_forwards():
+    # fewer rows than the verify width: one-row requests (a plain step); more: requests of the full width
+    assert cost_table_shapes((1, 2, 4, 8, 16, 24), 8) == [(1, 1), (2, 1), (4, 1), (1, 8), (2, 8), (3, 8)]
+    assert cost_table_shapes((8, 9, 12), 6) == [(2, 6)]  # all three round to two 6-row requests
+    now, prepared = [0.0], []
+
+    def prepare(requests, width):  # a fake forward of R rows takes R seconds, 10% more every other call
+        prepared.append((requests, width))
+        calls = [0]
+
+        def forward():
+            calls[0] += 1
+            rows = requests * width
+            now[0] += 100.0 if calls[0] == 1 else rows * (1.1 if calls[0] % 2 else 1.0)  # the first: a warm-up
+        return forward
+
+    table = measure_cost_table(prepare, [(2, 1), (1, 8)], repeats=3, clock=lambda: now[0])
+    assert prepared == [(2, 1), (1, 8)] and table.rows == (2, 8)
+    assert table.seconds == pytest.approx((2.0, 8.0))  # the median of the three timed calls, the warm-up left out
 
 
 def test_policy_goes_parallel_then_sequential_then_plain_as_the_batch_grows():

@@ -101,11 +101,11 @@ def test_mlp_partial_sums_are_reduced_exactly_once_across_ranks(monkeypatch):
             return all_reduce(partial) if self.down_proj.reduce_results else partial
 
     monkeypatch.setattr(distributed, "tensor_model_parallel_all_reduce", all_reduce)
-    monkeypatch.setattr(drafter, "_tp_size", lambda: 2)
+    monkeypatch.setattr(drafter, "tp_size", lambda: 2)
     h = torch.randn(4, 8)
     for reduce_results in (True, False):
         assert torch.equal(drafter.mlp_output(ShardedMLP(reduce_results), h), 6 * h), reduce_results
-    monkeypatch.setattr(drafter, "_tp_size", lambda: 1)  # one rank: nothing to reduce
+    monkeypatch.setattr(drafter, "tp_size", lambda: 1)  # one rank: nothing to reduce
     assert torch.equal(drafter.mlp_output(ShardedMLP(False), h), 3 * h)
 
 
@@ -175,6 +175,9 @@ def test_verify_forwards_carry_no_mask_the_backends_causal_chain_is_the_rule():
         flat, indptr = full_mask(layout), full_mask_indptr(layout)
         chains = _request_masks(None, prefix.tolist(), width)
         for i, chain in enumerate(chains):
+            if width == 1:  # one row sees everything: no mask at all
+                assert chain is None
+                chain = torch.ones(1, int(prefix[i]) + 1, dtype=torch.bool)
             assert torch.equal(chain.flatten(), flat[indptr[i] : indptr[i + 1]]), (width, i)
 
 

@@ -121,6 +121,7 @@ def test_verify_masks_accept_both_layouts():
         assert all(torch.equal(a, b) for a, b in zip(_request_masks(layout, seq_lens, w), expected))
     causal = _request_masks(None, [2], w)[0]
     assert causal.tolist() == [[True] * 3 + [False] * 2, [True] * 4 + [False], [True] * 5]
+    assert _request_masks(None, [2, 5], 1) == [None, None]  # one row per request attends to all: no mask
     with pytest.raises(ValueError):
         _request_masks(torch.ones(7, dtype=torch.bool), seq_lens, w)
 

@@ -123,6 +123,40 @@ def test_flex_mode_switches_with_the_batch_and_stays_lossless(tiny, tmp_path):
     assert any("parallel mode from a batch of 1 " in line for line in switches[joined:]), switches
 
 
+
+def test_flex_restricted_to_plain_steps_never_drafts(tiny):
+    """FLEXDRAFT_FLEX_MODES=plain: flex decodes plainly from the first request on (no mask-block pass at any
+    prefill, one token per step), and the output is plain SGLang's. With no FLEXDRAFT_COST_TABLE the server times
+    its own forwards at start-up, plain-shaped and verify-shaped, and serves normally after."""
+    _, model_dir, adapter_dir = tiny
+    prompts = random_prompts(24, 16, seed=4, max_len=12)  # the flex test's: plain SGLang's answers are cached
+    expected = plain_outputs(model_dir, tuple(map(tuple, prompts)))[:6]
+    prompts = prompts[:6]
+    args = default_server_args(model_dir) + ["--skip-tokenizer-init"] + flexdraft_args(adapter_dir)
+    with SGLangServer(args, env={"FLEXDRAFT_MODE": "flex", "FLEXDRAFT_FLEX_MODES": "plain"}) as server:
+        outputs = generate_all(server, prompts, ignore_eos=True)
+        log = server.log_path.read_text(errors="replace")
+    assert [o["output_ids"] for o in outputs] == expected
+    assert all(o["meta_info"]["spec_verify_ct"] == MAX_NEW - 1 for o in outputs)  # one token per decode step
+    assert "requests join without a mask-block pass" in log and "parallel mode" not in log
+    costs = next(line for line in log.splitlines() if "forward costs measured at start-up" in line)
+    assert all(f" {rows} rows " in costs for rows in (1, 2, 4, 12, 18, 36, 66)), costs  # W = 6: 1-row, then 6-row
+
+
+def test_flex_modes_setting(monkeypatch):
+    from flexdraft_sgl.default_model import default_adapter_path
+    from flexdraft_sgl.sglang.spec import FlexDraftSettings
+
+    adapter = str(default_adapter_path())
+    monkeypatch.delenv("FLEXDRAFT_FLEX_MODES", raising=False)
+    assert FlexDraftSettings.resolve(adapter, None).flex_modes == ("plain", "parallel", "sequential")
+    monkeypatch.setenv("FLEXDRAFT_FLEX_MODES", "plain, sequential")
+    assert FlexDraftSettings.resolve(adapter, None).flex_modes == ("plain", "sequential")
+    for bad in ("tree", "plain,plain", ""):
+        monkeypatch.setenv("FLEXDRAFT_FLEX_MODES", bad)
+        with pytest.raises(ValueError, match="FLEXDRAFT_FLEX_MODES"):
+            FlexDraftSettings.resolve(adapter, None)
+
 QUESTIONS = [
     "What is the capital of France?", "Name three colours.", "Write a haiku about autumn leaves.",
     "What is 12 times 12?", "Explain photosynthesis in one sentence.", "Give me a synonym for happy.",

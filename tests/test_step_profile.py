@@ -107,7 +107,8 @@ def test_report_averages_the_full_batch_steps_and_compares_with_a_plain_step():
     assert summary["sections"]["verify/forward"] == pytest.approx(0.016666, rel=1e-3)
     assert summary["sections"]["acceptance"] == pytest.approx(0.004 / 3)  # absent from two steps: counted 0
     assert sum(summary["sections"].values()) == pytest.approx(summary["total"])
-    assert summarize([]) == {"steps": 0, "sections": {}, "total": None, "median_total": None}
+    assert summarize([]) == {"steps": 0, "sections": {}, "total": None, "median_total": None, "interval": None}
+    assert summary["interval"] is None  # lines without starts (written before they were recorded)
 
     point = {"mode": "parallel", "width": 4, "bs": 4, "plain": 0.010, "tokens_per_step": 1.5, **summary}
     table = markdown_tables([point, {**point, "bs": 1, "plain": 0.005, "total": 0.010, "median_total": 0.008,
@@ -123,6 +124,32 @@ def test_report_averages_the_full_batch_steps_and_compares_with_a_plain_step():
     assert rows["plain SGLang step"].endswith("| 5.00 ms | 10.00 ms |")
     assert rows["tokens per step (these prompts)"].endswith("| - | 1.50 |")
     assert rows["full-batch steps averaged"].endswith("| 7 | 3 |")
+    assert rows["FLEXDRAFT step to step (scheduler included)"].endswith("| - | - |")
     # parts in the order of a step
     order = [line.split(" | ")[0].strip("| ") for line in lines[4:8]]
     assert order == [PARTS["verify/forward"], PARTS["acceptance"], PARTS["mask_block/layers"], PARTS["other"]]
+
+
+def test_step_to_step_interval_holds_the_scheduler_time_between_steps(tmp_path):
+    """Starts 0, 0.05, 0.09, 0.15 with steps of 0.03: 0.05 from one start to the next, 0.02 of it outside the step."""
+    lines = [{**_line(2, 0.03, other=0.03), "start": t} for t in (0.0, 0.05, 0.09, 0.15)]
+    summary = summarize(lines)
+    assert summary["interval"] == pytest.approx(0.05) and summary["total"] == pytest.approx(0.03)
+    assert summarize(lines[:1])["interval"] is None  # one step: nothing to space
+
+    point = {"mode": "plain", "width": 1, "bs": 2, "plain": 0.025, "plain_interval": 0.04, "tokens_per_step": 1.0,
+             **summary}
+    table = markdown_tables([point]).splitlines()
+    assert table[0] == "### plain: flex allowed only plain steps (FLEXDRAFT_FLEX_MODES=plain), one row per request"
+    rows = {line.split(" | ")[0].strip("| "): line for line in table[4:]}
+    assert rows["FLEXDRAFT step to step (scheduler included)"].endswith("| 50.00 ms (1.25) |")
+    assert rows["plain SGLang step to step"].endswith("| 40.00 ms |")
+
+    # the profile records each step's start on its own clock
+    profile = StepProfile(tmp_path / "p.jsonl", clock=FakeClock(5, 1, 3))
+    with profile.step(bs=1):
+        pass
+    with profile.step(bs=1):
+        pass
+    starts = [json.loads(x)["start"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert starts == [5, 9]

@@ -20,6 +20,9 @@ tokens per second wins; plain decoding is always a candidate, so the plan is nev
 from __future__ import annotations
 
 import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -69,6 +72,39 @@ class ForwardCostTable:
     @classmethod
     def load(cls, path: str | Path) -> ForwardCostTable:
         return cls.from_json(Path(path).read_text())
+
+
+# Rows a measured cost table holds: a plain step of one request up to a crowd's verify forward.
+COST_TABLE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def cost_table_shapes(rows: Sequence[int], width: int) -> list[tuple[int, int]]:
+    """(requests, rows per request) of the forward timed for each table entry: fewer rows than `width` as that many
+    one-row requests (a plain step), more as requests of `width` rows (a verify step). Shapes that round to the same
+    one are kept once."""
+    shapes = []
+    for r in rows:
+        shape = (r, 1) if r < width else (-(-r // width), width)
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def measure_cost_table(prepare: Callable[[int, int], Callable[[], None]], shapes: Sequence[tuple[int, int]],
+                       repeats: int = 3, clock=time.perf_counter) -> ForwardCostTable:
+    """Time a forward of each (requests, width) shape: `prepare(requests, width)` builds its inputs and returns the
+    forward (which finishes its device work before returning); the median of `repeats` calls after a warm-up one."""
+    seconds = {}
+    for requests, width in shapes:
+        forward = prepare(requests, width)
+        times = []
+        for _ in range(repeats + 1):
+            started = clock()
+            forward()
+            times.append(clock() - started)
+        seconds[requests * width] = statistics.median(times[1:])
+    rows = sorted(seconds)
+    return ForwardCostTable(tuple(rows), tuple(seconds[r] for r in rows))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ accepted count, so rejected slots are simply overwritten later). Mask rows never
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +24,8 @@ from ..core.acceptance import greedy_verify, speculative_verify
 from ..core.confidence import verify_lengths
 from ..core.layout import StepLayout, decode_layout, draft_layout, parallel_layout, prefill_layout, verify_layout
 from ..core.masks import dense_mask, padded_rows
-from ..core.policy import ForwardCostTable, Mode, default_cost_table, plan_step
+from ..core.policy import (COST_TABLE_ROWS, ForwardCostTable, Mode, cost_table_shapes, default_cost_table,
+                           measure_cost_table, plan_step)
 from ..core.sampling import (CalibratedDrafts, SamplingParams, draft_temperatures, draw, draw_drafts,
                              filtered_probs)
 from ..kernels.calibration import calibrated_drafts
@@ -231,25 +231,24 @@ class ReferenceEngine:
         # Recomputed in the backward pass instead of keeping activations (large targets); needs cache None.
         return torch.utils.checkpoint.checkpoint(self._layer, i, x, ctx, cache, use_reentrant=False)
 
-    def measure_cost_table(self, rows=(1, 2, 4, 8, 16, 32, 64, 128, 256), prefix_len: int = 64,
-                           repeats: int = 3) -> ForwardCostTable:
-        """Time full-depth forwards against row count on this machine (median of `repeats` after a warm-up): the
-        table the flex policy reads. Rows are spread over requests of at most 16 verify rows, each after a
-        `prefix_len`-token cache, the shape of a verify step."""
-        seconds = []
-        for r in rows:
-            sizes = [16] * (r // 16) + ([r % 16] if r % 16 else [])
-            cache = self.new_cache(len(sizes), prefix_len + 17)
-            layout = verify_layout([prefix_len] * len(sizes), [n - 1 for n in sizes], 2)
-            tokens = torch.zeros(r, dtype=torch.long, device=self.device)
-            times = []
-            with torch.inference_mode():
-                for _ in range(repeats + 1):
-                    started = time.perf_counter()
-                    self.forward(layout, tokens, cache)
-                    times.append(time.perf_counter() - started)
-            seconds.append(sorted(times[1:])[len(times[1:]) // 2])
-        return ForwardCostTable(tuple(rows), tuple(seconds))
+    def measure_cost_table(self, rows=COST_TABLE_ROWS, prefix_len: int = 64, repeats: int = 3,
+                           width: int = 16) -> ForwardCostTable:
+        """Time full-depth forwards against row count on this machine: the table the flex policy reads. Each entry
+        is one-row requests or requests of `width` verify rows (`policy.cost_table_shapes`), each after a
+        `prefix_len`-token cache, the shape of a plain or a verify step."""
+        def prepare(requests: int, rows_each: int):
+            cache = self.new_cache(requests, prefix_len + rows_each + 1)
+            layout = verify_layout([prefix_len] * requests, [rows_each - 1] * requests, 2)
+            tokens = torch.zeros(requests * rows_each, dtype=torch.long, device=self.device)
+
+            @torch.inference_mode()
+            def forward():
+                self.forward(layout, tokens, cache)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+            return forward
+
+        return measure_cost_table(prepare, cost_table_shapes(rows, width), repeats)
 
     # ---- heads -------------------------------------------------------------------------------------------------
     def target_logits(self, hidden: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from ..kernels.mask_attention import FlashInferMaskAttention, attend, flashinfer
 from .profile import OFF
 
 
-def _tp_size() -> int:
+def tp_size() -> int:
     from sglang.srt.runtime_context import get_parallel
 
     return get_parallel().tp_size
@@ -40,7 +40,7 @@ def mlp_output(mlp: nn.Module, h: Tensor) -> Tensor:
     `reduce_results=not stage_boundaries`; qwen2.py, qwen3.py `reduce_results=False`), so the sum is done here; an
     MLP built to reduce itself (RowParallelLinear.forward, layers/linear.py) must not be reduced twice."""
     out = mlp(h)
-    if _tp_size() > 1 and not mlp.down_proj.reduce_results:
+    if tp_size() > 1 and not mlp.down_proj.reduce_results:
         from sglang.srt.distributed import tensor_model_parallel_all_reduce
 
         out = tensor_model_parallel_all_reduce(out)
@@ -128,7 +128,7 @@ class MaskBlockDrafter(nn.Module):
         self._draft_vocab_head = None  # the LM head over the adapter's draft vocabulary alone, if it has one
         if adapter.draft_vocab is not None:
             weight = model.lm_head.weight
-            if _tp_size() > 1:  # this rank holds a slice of the (padded) vocabulary: gather it once, keep V' rows
+            if tp_size() > 1:  # this rank holds a slice of the (padded) vocabulary: gather it once, keep V' rows
                 from sglang.srt.distributed import tensor_model_parallel_all_gather
 
                 weight = tensor_model_parallel_all_gather(weight.contiguous(), dim=0)
@@ -192,7 +192,7 @@ class MaskBlockDrafter(nn.Module):
         if self._draft_vocab_head is not None:
             return self._draft_vocab_head(hidden)
         logits = F.linear(hidden, self.model.lm_head.weight)
-        if _tp_size() > 1:  # the LM head holds this rank's slice of the (padded) vocabulary
+        if tp_size() > 1:  # the LM head holds this rank's slice of the (padded) vocabulary
             from sglang.srt.distributed import tensor_model_parallel_all_gather
 
             logits = tensor_model_parallel_all_gather(logits.contiguous(), dim=-1)

@@ -1,11 +1,13 @@
 """Step profile: wall time of one FLEXDRAFT step in SGLang broken into its parts, for `eval/step_profile.py`.
 
 Enabled by FLEXDRAFT_PROFILE=/path/file.jsonl (read once, when the worker starts); then every decode step appends one
-JSON line {"mode", "bs", "width", "sections": {name: seconds}, "total": seconds}. Sections nest, and a nested one is
-named after its parents ("verify/forward/attn_metadata"); each section's seconds exclude its children and whatever
-a step spends outside every section is "other", so the sections of a line add up to its total. On a GPU the clock is
-read after a device synchronisation, so a section holds the device work it queued. Unset, the worker gets `OFF`,
-whose sections are one shared no-op context manager: nothing is timed or synchronised.
+JSON line {"mode", "bs", "width", "sections": {name: seconds}, "total": seconds, "start": seconds}. Sections nest, and
+a nested one is named after its parents ("verify/forward/attn_metadata"); each section's seconds exclude its children
+and whatever a step spends outside every section is "other", so the sections of a line add up to its total. "start"
+(the step's first clock reading) spaces consecutive steps: what lies between them beyond a step's total is the
+scheduler's own work, outside the worker call. On a GPU the clock is read after a device synchronisation, so a section
+holds the device work it queued. Unset, the worker gets `OFF`, whose sections are one shared no-op context manager:
+nothing is timed or synchronised.
 
 With the variable set, plain SGLang's decode steps are timed too, at the same boundary (the model worker call the
 scheduler makes for one batch: FLEXDRAFT's `forward_batch_generation`, plain SGLang's `TpModelWorker` one), as lines
@@ -52,7 +54,7 @@ class StepProfile:
             self._charge()
         finally:
             self._stack = None
-        line = {**self._meta, "sections": self._seconds, "total": self._last - start}
+        line = {**self._meta, "sections": self._seconds, "total": self._last - start, "start": start}
         with open(self.path, "a") as f:  # after the clock stopped: the write is no part of the step
             f.write(json.dumps(line) + "\n")
 

@@ -7,8 +7,9 @@ SGLang process):
 
     FLEXDRAFT_MODE                parallel (default) | sequential | flex (per step: plain, parallel or sequential, and
                                   the verify length, chosen by core.policy from the cost table and draft confidence)
+    FLEXDRAFT_FLEX_MODES          the modes flex chooses from, comma-separated (default plain,parallel,sequential)
     FLEXDRAFT_COST_TABLE          flex mode's forward-cost table, a JSON file (`flexdraft measure-costs`, or the GPU
-                                  check script's cost_table.json); default: a memory-bound stand-in
+                                  check script's cost_table.json); default: timed by the server at start-up
     FLEXDRAFT_VERIFY_LEN          verify exactly this many drafts per step (default: the adapter's confidence rule)
     FLEXDRAFT_VERIFY_RULE         cumulative_product | min_confidence (default: the adapter's)
     FLEXDRAFT_VERIFY_THRESHOLD    the rule's threshold (default: the adapter's)
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 ALGORITHM = "FLEXDRAFT"
 MODES = ("parallel", "sequential", "flex")
+FLEX_MODES = ("plain", "parallel", "sequential")  # what one flex step can be
 # Backends whose TARGET_VERIFY path serves FLEXDRAFT's verify forwards, the default first: they take the width and
 # the causal chain from the verify input (state.FlexDraftVerifyInput, which carries no mask). fa3 and trtllm_mha run a
 # causal chain too but size it from their construction (flashattention_backend.py `speculative_num_draft_tokens`),
@@ -54,6 +56,7 @@ class FlexDraftSettings:
     verify_rule: str
     verify_threshold: float
     cost_table: str | None = None
+    flex_modes: tuple[str, ...] = FLEX_MODES
 
     @classmethod
     def resolve(cls, adapter_path: str | None, num_draft_tokens: int | None) -> FlexDraftSettings:
@@ -87,6 +90,10 @@ class FlexDraftSettings:
             threshold = float(os.environ.get("FLEXDRAFT_VERIFY_THRESHOLD", adapter.verify_threshold))
         except ValueError:
             raise ValueError("FLEXDRAFT_VERIFY_THRESHOLD must be a number") from None
+        flex_modes = tuple(m.strip() for m in os.environ.get("FLEXDRAFT_FLEX_MODES", ",".join(FLEX_MODES)).split(","))
+        if not flex_modes or any(m not in FLEX_MODES for m in flex_modes) or len(set(flex_modes)) < len(flex_modes):
+            raise ValueError(f"FLEXDRAFT_FLEX_MODES={','.join(flex_modes)!r}: name one or more of "
+                             f"{', '.join(FLEX_MODES)}, each once")
         cost_table = os.environ.get("FLEXDRAFT_COST_TABLE") or None
         if cost_table is not None:
             from ..core.policy import ForwardCostTable
@@ -96,7 +103,7 @@ class FlexDraftSettings:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"FLEXDRAFT_COST_TABLE={cost_table}: not a readable cost table ({e})") from None
         return cls(str(adapter_path), adapter, mode, width - 1, int(verify_len) if verify_len else None, rule,
-                   threshold, cost_table)
+                   threshold, cost_table, flex_modes)
 
 
 def check_server_args(server_args) -> FlexDraftSettings:

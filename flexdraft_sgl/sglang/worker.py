@@ -13,11 +13,11 @@ Per request the worker carries a bonus token (decided, not yet in the KV cache) 
                after the bonus, calibrated with t, gives the drafts. Emits a+2 tokens.
   plain        (flex mode only) a one-row forward of the bonus; emits 1 token and keeps the drafts it has. Requests
                that join meanwhile skip the prefill's mask block and carry placeholder drafts.
-Flex mode (FLEXDRAFT_MODE=flex) picks one of the three and the verify length per batch with `core.policy.plan_step`
-from the forward-cost table and the drafts' confidence. The fixed modes verify what the confidence rule grants, capped
-by what acceptance measured per row supports (`core.confidence.measured_verify_len`), unless FLEXDRAFT_VERIFY_LEN
-fixes the length. On a GPU every target forward runs from the CUDA graph set of
-its width (`graphs.py`); verify lengths are rounded up to the sets' tiers.
+Flex mode (FLEXDRAFT_MODE=flex) picks one of the three (or of those FLEXDRAFT_FLEX_MODES allows) and the verify
+length per batch with `core.policy.plan_step` from the forward-cost table and the drafts' confidence. The fixed modes
+verify what the confidence rule grants, capped by what acceptance measured per row supports
+(`core.confidence.measured_verify_len`), unless FLEXDRAFT_VERIFY_LEN fixes the length. On a GPU every target forward
+runs from the CUDA graph set of its width (`graphs.py`); verify lengths are rounded up to the sets' tiers.
 
 Mask blocks run only through the final N layers (`drafter.MaskBlockDrafter`), never through the lower layers, and
 never write the KV cache. Candidate K/V are written to the request's uncommitted window by the verify forward; the
@@ -30,6 +30,7 @@ The worker is synchronous (overlap scheduling off), like SGLang's NGRAM worker.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import torch
 from sglang.srt.managers.utils import GenerationBatchResult
@@ -40,10 +41,11 @@ from torch import Tensor
 from ..adapter import FlexDraftAdapter
 from ..core.acceptance import greedy_verify, speculative_verify
 from ..core.confidence import measured_verify_len, verify_lengths
-from ..core.policy import AcceptanceTracker, ForwardCostTable, Mode, default_cost_table, plan_step, row_outcomes
+from ..core.policy import (COST_TABLE_ROWS, AcceptanceTracker, ForwardCostTable, Mode, cost_table_shapes,
+                           measure_cost_table, plan_step, row_outcomes)
 from ..core.sampling import (SamplingParams, draft_temperatures, draw, draw_drafts, filtered_probs,
                              greedy_rows)
-from .drafter import MaskBlockDrafter
+from .drafter import MaskBlockDrafter, tp_size
 from .graphs import GraphSets, tier_for, verify_tiers, widths_for_mode
 from .profile import OFF, step_profile
 from .spec import FlexDraftSettings
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 # Measured acceptance is summed on the device and read back every this many steps: one host sync for all of them.
 READBACK_STEPS = 16
+# Cached tokens before the rows of each forward flex's start-up cost table times.
+COST_PREFIX_LEN = 64
 
 
 class FlexDraftWorker(BaseSpecWorker):
@@ -72,13 +76,16 @@ class FlexDraftWorker(BaseSpecWorker):
         self.block_size = self.adapter.config.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(server_args.random_seed or 0)
         self.drafter: MaskBlockDrafter | None = None  # needs the KV pool: built in alloc_memory_pool
-        self.cost_table = (ForwardCostTable.load(self.settings.cost_table) if self.settings.cost_table
-                           else default_cost_table())
+        # flex's forward costs: FLEXDRAFT_COST_TABLE's, or timed on this server once its forwards can run
+        self.cost_table = ForwardCostTable.load(self.settings.cost_table) if self.settings.cost_table else None
         self.graphs: GraphSets | None = None  # built in init_cuda_graphs on a GPU
         # Verify lengths a step may run: every one eagerly; the graph sets' tiers once graphs exist.
         self.verify_caps = tuple(range(1, self.settings.max_verify_len + 1))
         self._head_share = 0.0  # the LM head's share of the target's weights: set with the drafter
-        self._flex_mode: Mode | None = None  # flex's mode at its last plan
+        self.flex_modes = tuple(Mode(m) for m in self.settings.flex_modes)
+        # flex's mode at its last plan; plain from the start when flex can only decode plainly (no prefill drafting)
+        only_plain = self.settings.mode == "flex" and self.flex_modes == (Mode.PLAIN,)
+        self._flex_mode: Mode | None = Mode.PLAIN if only_plain else None
         self._placeholders_logged = False
         self.acceptance = AcceptanceTracker(self.settings.max_verify_len)  # measured acceptance per draft row
         self._outcomes: Tensor | None = None  # row_outcomes summed on the device since the last read-back
@@ -109,14 +116,49 @@ class FlexDraftWorker(BaseSpecWorker):
         # The attention backend exists by now: its per-forward planning (on CPU the verify patch's per-request masks
         # and KV indices) is timed inside each forward.
         self.profile.wrap(self.model_runner.attn_backend, "init_forward_metadata", "attn_metadata")
-        if not str(self.device).startswith("cuda"):
-            return
-        fixed = self.settings.verify_len
-        tiers = (fixed,) if fixed is not None else verify_tiers(self.settings.max_verify_len)
-        self.graphs = GraphSets(self.model_runner)
-        self.graphs.register_startup(self.settings.max_verify_len + 1)
-        self.graphs.build(widths_for_mode(self.settings.mode, tiers))
-        self.verify_caps = tiers
+        if str(self.device).startswith("cuda"):
+            fixed = self.settings.verify_len
+            tiers = (fixed,) if fixed is not None else verify_tiers(self.settings.max_verify_len)
+            self.graphs = GraphSets(self.model_runner)
+            self.graphs.register_startup(self.settings.max_verify_len + 1)
+            self.graphs.build(widths_for_mode(self.settings.mode, tiers))
+            self.verify_caps = tiers
+        if self.settings.mode == "flex" and self.cost_table is None:
+            self.cost_table = self._measure_cost_table()
+
+    def _measure_cost_table(self) -> ForwardCostTable:
+        """flex's cost table, timed on this server's own target forwards (graphs included): one-row requests (plain
+        steps) and requests of the widest verify width, each after COST_PREFIX_LEN cached tokens. The dummy requests
+        read and write only the padding slot 0, which the KV pool never hands out."""
+        width = self.settings.max_verify_len + 1
+        synchronize = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
+        max_requests, context = self.req_to_token_pool.req_to_token.shape
+        prefix_len = min(COST_PREFIX_LEN, context - width)
+        # No more requests than the server runs at once (attention backends size their buffers by it).
+        shapes = [s for s in cost_table_shapes(COST_TABLE_ROWS, width) if s[0] < max_requests]
+
+        def prepare(requests: int, rows_each: int):
+            batch = SimpleNamespace(req_pool_indices=torch.zeros(requests, dtype=torch.int64, device=self.device),
+                                    spec_algorithm=self.model_runner.spec_algorithm)
+            prefix = torch.full((requests,), prefix_len, dtype=torch.int64, device=self.device)
+            tokens = torch.zeros(requests, rows_each, dtype=torch.long, device=self.device)
+
+            def forward():
+                self._forward_rows(batch, prefix, tokens)
+                synchronize()
+            return forward
+
+        with torch.no_grad():  # not inference mode: buffers made now are written in place when serving
+            table = measure_cost_table(prepare, shapes)
+        if tp_size() > 1:  # every rank must plan the same steps: they share one table, the ranks' mean
+            from sglang.srt.distributed import tensor_model_parallel_all_reduce
+
+            seconds = torch.tensor(table.seconds, dtype=torch.float32, device=self.device)
+            seconds = tensor_model_parallel_all_reduce(seconds) / tp_size()
+            table = ForwardCostTable(table.rows, tuple(seconds.tolist()))
+        logger.info("FLEXDRAFT flex: forward costs measured at start-up (set FLEXDRAFT_COST_TABLE to skip): %s",
+                    ", ".join(f"{r} rows {1000 * t:.1f} ms" for r, t in zip(table.rows, table.seconds)))
+        return table
 
     # ---- entry point -------------------------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
@@ -217,8 +259,9 @@ class FlexDraftWorker(BaseSpecWorker):
         plan = plan_step(state.draft_top[:, : self.settings.max_verify_len].float(), self.cost_table,
                          block_size=self.block_size, tuned_depth=cfg.tuned_depth, num_layers=cfg.target.num_layers,
                          rule=self.settings.verify_rule, threshold=self.settings.verify_threshold,
-                         fused_parallel=False, verify_caps=caps, acceptance_scale=self.acceptance.scale,
-                         head_share=self._head_share, draft_head_fraction=cfg.draft_head_fraction)
+                         modes=self.flex_modes, fused_parallel=False, verify_caps=caps,
+                         acceptance_scale=self.acceptance.scale, head_share=self._head_share,
+                         draft_head_fraction=cfg.draft_head_fraction)
         if plan.mode is not self._flex_mode:  # logged on change only: one line per switch
             self._flex_mode, self._placeholders_logged = plan.mode, False
             logger.info("FLEXDRAFT flex: %s mode from a batch of %d (predicted %s tokens/s; acceptance %.2f of "
@@ -293,6 +336,9 @@ class FlexDraftWorker(BaseSpecWorker):
     def _accept(self, drafts, state: FlexDraftState, logits, params) -> tuple[Tensor, Tensor]:
         """Greedy requests accept by argmax; sampling requests (`state.sampled`) by speculative sampling against
         their kept draft distributions, with V-sized target distributions for their rows only."""
+        if drafts.shape[1] == 0:  # a plain step: nothing to accept, the bonus is drawn from the target alone
+            zero = torch.zeros(len(drafts), dtype=torch.long, device=drafts.device)
+            return zero, draw(logits[:, 0], params, self.generator, state.sampled is None)
         verify = torch.full((len(drafts),), drafts.shape[1], device=drafts.device)
         accepted, bonus = greedy_verify(drafts, logits.argmax(-1), verify)
         rows = state.sampled.nonzero().squeeze(1) if state.sampled is not None else ()
