@@ -20,7 +20,8 @@ mean time from one step's start to the next's, for both.
 
 At each batch size bs the client sends bs concurrent requests (greedy, or sampled at `--temperature`) with ignore_eos
 and a fixed max_new_tokens; the steps that ran the full batch are the steady state, of which the first `--skip` (first
-use of new shapes) are dropped and the rest averaged. Writes raw/<server>.jsonl (the profile lines), summary.json and report.md.
+use of new shapes) are dropped and the rest averaged. Writes raw/<server>.jsonl (the profile lines), summary.json and
+report.md.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def report(points: list[dict], *, model: str, adapter: str, prompt_len: int, max
            skip: int) -> str:
     decoding = "greedy" if temperature == 0 else f"sampled at temperature {temperature:g}"
     head = (f"Step profile of FLEXDRAFT in SGLang (`eval/step_profile.py`): target `{Path(model).name}`, adapter "
-            f"`{Path(adapter).name}`, {prompt_len}-token synthetic prompts, {decoding}, {max_new_tokens} new tokens per "
-            f"request (ignore_eos); per batch size bs, the mean over the steps that ran all bs requests (the first "
+            f"`{Path(adapter).name}`, {prompt_len}-token synthetic prompts, {decoding}, {max_new_tokens} new tokens "
+            f"per request (ignore_eos); per batch size bs, the mean over the steps that ran all bs requests (the first "
             f"{skip} dropped). Each cell: milliseconds per step, and in brackets as a fraction of a plain SGLang "
             "decode step at the same batch size, timed in the same run at the same boundary (the model-worker call "
             "the scheduler makes for one batch; overlap scheduling off for both). Parts hold only their own time "
