@@ -1,5 +1,6 @@
 """The report of a `flexdraft eval` run: markdown tables and PNG plots, every ratio against plain decoding's point of
-the same run (same dataset, temperature and concurrency)."""
+the same run (same dataset, temperature and concurrency). Every function takes one point per key: the rounds of a
+run combined by `serving.combine_rounds`."""
 
 from __future__ import annotations
 
@@ -75,8 +76,13 @@ def markdown_report(points: list[Point], header: str = "") -> str:
         configs = list(dict.fromkeys(p.config for p in group))
         lines += [f"### {dataset}, temperature {temperature:g}", "",
                   "Output tokens/s (speed-up over the faster plain configuration in the same run):", ""]
+        rounds = max(p.rounds for p in group)
+        if rounds > 1:
+            lines[-2] = (f"Output tokens/s, median of {rounds} rounds (speed-up over the faster plain configuration; "
+                         "spread of the rounds, (max - min) / median):")
         lines += _grid(index, configs, dataset, temperature, concurrency,
-                       lambda p: f"{p.tokens_per_second:.1f} ({_fmt(speedup(p, index), '.2f')}x)")
+                       lambda p: f"{p.tokens_per_second:.1f} ({_fmt(speedup(p, index), '.2f')}x"
+                                 + (f", ±{p.spread / 2:.0%})" if p.rounds > 1 else ")"))
         lines += ["", "Accept length (tokens per verify step) / mean TPOT ms:", ""]
         lines += _grid(index, configs, dataset, temperature, concurrency,
                        lambda p: f"{_fmt(p.accept_length, '.2f')} / {p.tpot_ms:.1f}")

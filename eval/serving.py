@@ -9,17 +9,19 @@ SGLang reports it) and every request's output ids.
 
 Each fresh server first answers a few unmeasured warm-up requests (`warm_up`). Points are appended to
 `results.jsonl` as they finish; a rerun skips the points already there, so an interrupted run resumes where it stopped
-(a configuration whose points are all present starts no server). The report compares each point with plain decoding's
-point of the same run: speed-up in tokens per second, and greedy equality (temperature 0: the fraction of requests
-whose output ids equal plain decoding's).
+(a configuration whose points are all present starts no server). With `rounds` > 1 every configuration is measured
+that many times, round after round, each time by a fresh server, and the report quotes each point's median
+(`combine_rounds`). The report compares each point with plain decoding's point of the same run: speed-up in tokens
+per second, and greedy equality (temperature 0: the fraction of requests whose output ids equal plain decoding's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 RESULTS = "results.jsonl"
@@ -92,10 +94,38 @@ class Point:
     output_tokens: int = 0
     seconds: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
+    round: int = 0  # which pass over every configuration measured it (EvalPlan.rounds)
+    rounds: int = 1  # after `combine_rounds`: how many measurements the figures are the median of
+    spread: float = 0.0  # after `combine_rounds`: (max - min) / median of tokens/s across them
 
     @property
     def key(self) -> tuple:
+        """The point measured: configuration, dataset, temperature, concurrency (the same in every round)."""
         return (self.config, self.dataset, float(self.temperature), int(self.concurrency))
+
+
+def combine_rounds(points: list[Point]) -> list[Point]:
+    """One point per key from the rounds that measured it: the median tokens/s, TPOT and TTFT (the median of one or
+    two rounds is their mean), the accept length over all their tokens and steps, and every round's outputs in round
+    order (so greedy equality compares each round's outputs with the same round of plain decoding)."""
+    by_key: dict[tuple, list[Point]] = {}
+    for p in sorted(points, key=lambda p: p.round):
+        by_key.setdefault(p.key, []).append(p)
+    combined = []
+    for same in by_key.values():
+        rates = [p.tokens_per_second for p in same]
+        middle = statistics.median(rates)
+        steps = [p.output_tokens / p.accept_length for p in same if p.accept_length]
+        combined.append(replace(
+            same[0], tokens_per_second=round(middle, 3),
+            tpot_ms=round(statistics.median(p.tpot_ms for p in same), 3),
+            ttft_ms=round(statistics.median(p.ttft_ms for p in same), 3),
+            accept_length=round(sum(p.output_tokens for p in same if p.accept_length) / sum(steps), 4) if steps
+            else None,
+            requests=sum(p.requests for p in same), output_tokens=sum(p.output_tokens for p in same),
+            seconds=round(sum(p.seconds for p in same), 4), outputs=[o for p in same for o in p.outputs],
+            round=0, rounds=len(same), spread=round((max(rates) - min(rates)) / middle, 4) if middle else 0.0))
+    return combined
 
 
 async def _request(session, url: str, ids: list[int], params: dict) -> dict:
@@ -187,6 +217,9 @@ class EvalPlan:
     max_new_tokens: int = 128
     server_args: tuple[str, ...] = ()  # shared by every configuration
     max_total_tokens: int = 8192  # the KV pool: enough for 64 short requests on CPU; raise it on a GPU
+    # Passes over every configuration, each with fresh servers: a slow spell of a shared machine then hits every
+    # configuration in some round instead of one configuration in all of its points; the report takes medians.
+    rounds: int = 1
 
     def prompts_for(self, concurrency: int) -> int:
         return max(self.num_prompts, concurrency) if self.num_prompts else 2 * concurrency
@@ -207,8 +240,9 @@ def load_points(out: str | Path) -> list[Point]:
 
 def run_eval(plan: EvalPlan, out: str | Path, token_prompts: dict[str, list[list[int]]],
              progress: bool = True) -> list[Point]:
-    """Measure every point of the plan that `out/results.jsonl` lacks; returns all points. `token_prompts` holds each
-    dataset's chat-templated prompts (at least as many as the largest point needs)."""
+    """Measure every point and round of the plan that `out/results.jsonl` lacks; returns every measurement (one per
+    point and round: `combine_rounds` makes one per point). `token_prompts` holds each dataset's chat-templated
+    prompts (at least as many as the largest point needs)."""
     from tqdm import tqdm
 
     from flexdraft_sgl.sglang.launch import SGLangServer, default_server_args
@@ -219,23 +253,23 @@ def run_eval(plan: EvalPlan, out: str | Path, token_prompts: dict[str, list[list
     if results.exists() and not results.read_text().endswith("\n"):  # cut mid-line by an interruption: drop the tail
         text = results.read_text()
         results.write_text(text[: text.rfind("\n") + 1])
-    done = {p.key for p in load_points(out)}
-    todo = [(c, d, t, n) for c in plan.configs for d in plan.datasets for t in plan.temperatures
-            for n in plan.concurrency if (c.name, d, float(t), int(n)) not in done]
+    done = {p.key + (p.round,) for p in load_points(out)}
+    todo = [(r, c, d, t, n) for r in range(plan.rounds) for c in plan.configs for d in plan.datasets
+            for t in plan.temperatures for n in plan.concurrency if (c.name, d, float(t), int(n), r) not in done]
     bar = tqdm(total=len(todo), desc="eval points", disable=not progress)
     base = default_server_args(plan.model, plan.max_total_tokens) + list(plan.server_args)
-    for config in plan.configs:
-        mine = [x for x in todo if x[0] is config]
+    for round_, config in ((r, c) for r in range(plan.rounds) for c in plan.configs):
+        mine = [x[2:] for x in todo if x[0] == round_ and x[1] is config]
         if not mine:
             continue
         with SGLangServer(base + list(config.args), env=dict(config.env)) as server:
-            widest = max(x[3] for x in mine)
-            warm_up(server, token_prompts[mine[0][1]][: plan.prompts_for(widest)], widest)
-            for _, dataset, temperature, concurrency in mine:
-                bar.set_postfix_str(f"{config.name} {dataset} T={temperature} c={concurrency}")
+            widest = max(x[2] for x in mine)
+            warm_up(server, token_prompts[mine[0][0]][: plan.prompts_for(widest)], widest)
+            for dataset, temperature, concurrency in mine:
+                bar.set_postfix_str(f"round {round_} {config.name} {dataset} T={temperature} c={concurrency}")
                 prompts = token_prompts[dataset][: plan.prompts_for(concurrency)]
-                point = measure_point(server, Point(config.name, dataset, float(temperature), int(concurrency)),
-                                      prompts, plan.max_new_tokens)
+                point = measure_point(server, Point(config.name, dataset, float(temperature), int(concurrency),
+                                                    round=round_), prompts, plan.max_new_tokens)
                 with open(results, "a") as f:
                     f.write(json.dumps(asdict(point)) + "\n")
                 bar.update()

@@ -320,7 +320,7 @@ def cmd_eval(args) -> int:
 
     from .default_model import prepare_default_model
     from .eval.report import PLAINS, markdown_report, targets_table, write_plots
-    from .eval.serving import EvalPlan, dataset_prompts, load_points, run_eval, serve_configs
+    from .eval.serving import EvalPlan, combine_rounds, dataset_prompts, load_points, run_eval, serve_configs
     from .reference.hf import prompt_tokens
 
     model = str(prepare_default_model()) if args.model == "default" else args.model
@@ -341,7 +341,8 @@ def cmd_eval(args) -> int:
     plan = EvalPlan(model, tuple(available[n] for n in names), tuple(args.datasets.split(",")),
                     tuple(float(t) for t in args.temperatures.split(",")),
                     tuple(int(c) for c in args.concurrency.split(",")), args.num_prompts, args.max_new_tokens,
-                    server_args=tuple(shlex.split(args.server_args)), max_total_tokens=args.max_total_tokens)
+                    server_args=tuple(shlex.split(args.server_args)), max_total_tokens=args.max_total_tokens,
+                    rounds=args.rounds)
     out = Path(args.out)
     if not args.report_only:
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -351,12 +352,13 @@ def cmd_eval(args) -> int:
         if short:
             raise ValueError(f"{', '.join(short)} has fewer than the {most} prompts the largest point needs")
         run_eval(plan, out, prompts)
-    points = load_points(out)
+    points = combine_rounds(load_points(out))
     header = (f"`flexdraft eval` of `{Path(model).name}` (adapter `{Path(adapter).name if adapter else '-'}`): "
               f"{', '.join(names)}; at most {plan.max_new_tokens} new tokens; prompts per point: "
               f"{'max(%d, concurrency)' % plan.num_prompts if plan.num_prompts else '2 x concurrency'}; "
-              "configurations measured one after another on this machine (a rerun into the same folder measures only "
-              "the points missing from it).")
+              "configurations measured one after another on this machine"
+              + (f", in {plan.rounds} rounds (medians)" if plan.rounds > 1 else "")
+              + " (a rerun into the same folder measures only the points missing from it).")
     lines = [markdown_report(points, header), "## Targets", "", *targets_table(points)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     write_plots(points, out)
@@ -567,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=0,
                    help="prompts per point: max(N, concurrency) (default: 2 x concurrency)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every point this many times, a fresh server per configuration and round; the report "
+                        "quotes medians (a noisy machine needs 3 or more)")
     p.add_argument("--max-total-tokens", type=int, default=8192, help="SGLang's KV pool size, the same for all")
     p.add_argument("--server-args", default="", help="more SGLang arguments shared by every configuration, e.g. "
                                                       "'--attention-backend flashinfer' (FLEXDRAFT's choice on a GPU)")

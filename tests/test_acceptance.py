@@ -67,6 +67,20 @@ def test_sample_draws_from_the_distribution():
     assert follows(sample(probs.expand(40000, 4), torch.Generator().manual_seed(1)), probs) > ALPHA
 
 
+def test_sample_never_draws_a_token_of_probability_zero():
+    """Zero entries anywhere (the last ones included: the CDF's top can be reached by rounding), one-hot rows and
+    draft-shaped [bs, D, V] input."""
+    g = torch.Generator().manual_seed(2)
+    probs = torch.softmax(torch.randn(64, 3, 50, generator=g), -1)
+    probs[:, :, 40:] = 0
+    probs[:, :, ::3] = 0
+    probs[0, 0] = torch.nn.functional.one_hot(torch.tensor(7), 50).float()
+    draws = torch.stack([sample(probs, g) for _ in range(200)])
+    assert draws.shape == (200, 64, 3)
+    assert probs.expand(200, -1, -1, -1).gather(-1, draws[..., None]).gt(0).all()
+    assert (draws[:, 0, 0] == 7).all()
+
+
 @pytest.mark.parametrize("filters", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
 def test_speculative_verify_emits_the_target_distribution(filters):
     """Exact check of the rule on one request shape: whatever q is, the first emitted token (the first draft if

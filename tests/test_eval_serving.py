@@ -11,7 +11,7 @@ from conftest import random_adapter, random_prompts, tiny_target
 
 from flexdraft_sgl.core.policy import ForwardCostTable
 from flexdraft_sgl.eval.report import greedy_equal, markdown_report, speedup, targets, write_plots
-from flexdraft_sgl.eval.serving import RESULTS, EvalPlan, load_points, run_eval, serve_configs
+from flexdraft_sgl.eval.serving import RESULTS, EvalPlan, Point, combine_rounds, load_points, run_eval, serve_configs
 
 
 def test_eval_measures_every_point_reports_and_resumes(tmp_path):
@@ -74,6 +74,18 @@ def test_eval_measures_every_point_reports_and_resumes(tmp_path):
     assert json.loads((out / RESULTS).read_text().splitlines()[-1])["config"] == json.loads(lines[-1])["config"]
     assert len(load_points(out)) == 12
 
+    # A second round of two configurations at one point: fresh servers measure only those, and the combined point
+    # holds both rounds' outputs, still equal to plain decoding's round by round.
+    two = dataclasses.replace(plan, configs=(configs["plain"], configs["flexdraft-flex"]), temperatures=(0.0,),
+                              concurrency=(1,), rounds=2)
+    measured = run_eval(two, out, prompts, progress=False)
+    assert len(measured) == 14 and sorted(p.config for p in measured if p.round == 1) == ["flexdraft-flex", "plain"]
+    combined = {p.key: p for p in combine_rounds(measured)}
+    assert len(combined) == 12
+    flex_twice = combined[("flexdraft-flex", "toy", 0.0, 1)]
+    assert flex_twice.rounds == 2 and len(flex_twice.outputs) == 4 and greedy_equal(flex_twice, combined) == 1.0
+    assert "median of 2 rounds" in markdown_report(list(combined.values()))
+
 
 def test_targets_hold_the_fastest_flexdraft_mode_against_each_rival():
     from flexdraft_sgl.eval.report import best_flexdraft
@@ -96,3 +108,20 @@ def test_targets_hold_the_fastest_flexdraft_mode_against_each_rival():
     assert over_eagle3_alone["measured"] == 18.0 / 20.0 and over_eagle3_alone["met"] is True
     report = markdown_report(points)
     assert "| fastest mode | parallel | sequential |" in report and "| over eagle3 | 0.90x | 0.88x |" in report
+
+
+def test_combine_rounds_takes_medians_and_keeps_every_output():
+    rounds = [Point("flexdraft-flex", "mt-bench", 0.0, 1, tokens_per_second=r, tpot_ms=t, ttft_ms=5.0,
+                    accept_length=a, requests=1, output_tokens=n, seconds=n / r, outputs=[[i]], round=i)
+              for i, (r, t, a, n) in enumerate([(10.0, 100.0, 2.0, 20), (30.0, 30.0, None, 30),
+                                                (12.0, 80.0, 1.0, 10)])]
+    plain = Point("plain", "mt-bench", 0.0, 1, tokens_per_second=11.0, outputs=[[0]])
+    combined = {p.key: p for p in combine_rounds(rounds[::-1] + [plain])}
+    flex = combined[rounds[0].key]
+    assert (flex.tokens_per_second, flex.tpot_ms, flex.rounds, flex.round) == (12.0, 80.0, 3, 0)
+    assert flex.spread == round((30.0 - 10.0) / 12.0, 4)
+    assert flex.accept_length == round(30 / (10 + 10), 4)  # over the rounds that report steps
+    assert flex.outputs == [[0], [1], [2]] and flex.output_tokens == 60 and flex.requests == 3
+    assert combined[plain.key] == dataclasses.replace(plain, rounds=1, spread=0.0)
+    report = markdown_report(list(combined.values()))
+    assert "median of 3 rounds" in report and "12.0 (1.09x, ±83%)" in report and "11.0 (1.00x)" in report

