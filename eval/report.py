@@ -74,12 +74,11 @@ def markdown_report(points: list[Point], header: str = "") -> str:
     for (dataset, temperature), group in _groups(points).items():
         concurrency = sorted({p.concurrency for p in group})
         configs = list(dict.fromkeys(p.config for p in group))
-        lines += [f"### {dataset}, temperature {temperature:g}", "",
-                  "Output tokens/s (speed-up over the faster plain configuration in the same run):", ""]
         rounds = max(p.rounds for p in group)
-        if rounds > 1:
-            lines[-2] = (f"Output tokens/s, median of {rounds} rounds (speed-up over the faster plain configuration; "
-                         "spread of the rounds, (max - min) / median):")
+        rates = ("Output tokens/s (speed-up over the faster plain configuration in the same run):" if rounds == 1 else
+                 f"Output tokens/s, median of {rounds} rounds (speed-up over the faster plain configuration; "
+                 "spread of the rounds, (max - min) / median):")
+        lines += [f"### {dataset}, temperature {temperature:g}", "", rates, ""]
         lines += _grid(index, configs, dataset, temperature, concurrency,
                        lambda p: f"{p.tokens_per_second:.1f} ({_fmt(speedup(p, index), '.2f')}x"
                                  + (f", ±{p.spread / 2:.0%})" if p.rounds > 1 else ")"))

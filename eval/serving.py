@@ -254,16 +254,17 @@ def run_eval(plan: EvalPlan, out: str | Path, token_prompts: dict[str, list[list
         text = results.read_text()
         results.write_text(text[: text.rfind("\n") + 1])
     done = {p.key + (p.round,) for p in load_points(out)}
-    todo = [(r, c, d, t, n) for r in range(plan.rounds) for c in plan.configs for d in plan.datasets
-            for t in plan.temperatures for n in plan.concurrency if (c.name, d, float(t), int(n), r) not in done]
-    bar = tqdm(total=len(todo), desc="eval points", disable=not progress)
+    # (round, configuration) -> the points it still lacks, in the order they run
+    todo = {(r, c): [(d, float(t), int(n)) for d in plan.datasets for t in plan.temperatures for n in plan.concurrency
+                     if (c.name, d, float(t), int(n), r) not in done]
+            for r in range(plan.rounds) for c in plan.configs}
+    bar = tqdm(total=sum(map(len, todo.values())), desc="eval points", disable=not progress)
     base = default_server_args(plan.model, plan.max_total_tokens) + list(plan.server_args)
-    for round_, config in ((r, c) for r in range(plan.rounds) for c in plan.configs):
-        mine = [x[2:] for x in todo if x[0] == round_ and x[1] is config]
+    for (round_, config), mine in todo.items():
         if not mine:
             continue
         with SGLangServer(base + list(config.args), env=dict(config.env)) as server:
-            widest = max(x[2] for x in mine)
+            widest = max(n for _, _, n in mine)
             warm_up(server, token_prompts[mine[0][0]][: plan.prompts_for(widest)], widest)
             for dataset, temperature, concurrency in mine:
                 bar.set_postfix_str(f"round {round_} {config.name} {dataset} T={temperature} c={concurrency}")
