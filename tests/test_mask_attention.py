@@ -18,7 +18,7 @@ from flexdraft_sgl.core.masks import (
 )
 from flexdraft_sgl.kernels import mask_attention
 from flexdraft_sgl.kernels.mask_attention import (
-    attend, attention_reference_dense, attention_torch, merge_attention_states,
+    attend, attention_blocks_sdpa, attention_reference_dense, attention_torch, merge_attention_states,
 )
 
 LAYOUTS = {
@@ -110,6 +110,37 @@ def test_no_mask_means_rows_see_each_other(name):
     layout = LAYOUTS[name]()
     x = make_inputs(layout, 4, 2, seed=7)
     torch.testing.assert_close(attention_torch(**x), sdpa_dense(layout, x, bidirectional_dense(layout)))
+
+
+def mask_block_inputs(prefix_lens, rows, hq, hkv, seed, d=16):
+    """A step of mask blocks: `rows` rows per request, each seeing its prefix (scattered pool slots) and its block."""
+    g = torch.Generator().manual_seed(seed)
+    bs, total = len(prefix_lens), sum(prefix_lens)
+    kv_indptr = torch.tensor([0, *prefix_lens]).cumsum(0)
+    return dict(q=torch.randn(bs * rows, hq, d, generator=g), k=torch.randn(bs * rows, hkv, d, generator=g),
+                v=torch.randn(bs * rows, hkv, d, generator=g), qo_indptr=torch.arange(bs + 1) * rows,
+                k_buffer=torch.randn(2 * total + 3, hkv, d, generator=g),
+                v_buffer=torch.randn(2 * total + 3, hkv, d, generator=g),
+                kv_indptr=kv_indptr, kv_indices=torch.randperm(2 * total + 3, generator=g)[:total])
+
+
+@pytest.mark.parametrize("prefix_lens,rows", [([9], 8), ([5, 0, 12], 4), ([0, 0], 3), ([7, 7, 7, 7], 1)])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)], ids=["gqa", "mha"])
+def test_the_cpu_mask_block_path_equals_attention_torch(prefix_lens, rows, heads):
+    x = mask_block_inputs(prefix_lens, rows, *heads, seed=len(prefix_lens) * rows)
+    expected = attention_torch(**x, sm_scale=0.2)
+    torch.testing.assert_close(attention_blocks_sdpa(**x, sm_scale=0.2), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attend(**x, sm_scale=0.2), expected, rtol=1e-5, atol=1e-5)  # what CPU runs
+    half = {k: (t.bfloat16() if t.is_floating_point() else t) for k, t in x.items()}
+    got = attention_blocks_sdpa(**half, sm_scale=0.2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_the_cpu_mask_block_path_refuses_ragged_row_counts():
+    layout = LAYOUTS["parallel_v2_b4"]()
+    with pytest.raises(ValueError, match="same number of rows"):
+        attention_blocks_sdpa(**make_inputs(layout, 4, 2, seed=1))
 
 
 def test_long_steps_run_in_query_chunks(monkeypatch):

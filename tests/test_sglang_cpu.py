@@ -187,8 +187,9 @@ def test_install_reaches_spawned_children_and_replaces_a_broken_sgl_kernel(tmp_p
     assert got["here"] == got["spawned"] == got["plain"] == shim_file
     assert got["path_count"] == got["pythonpath"] == 1
     assert got["cpu_engine"] == "1"
-    assert got["hooks"] == ["DraftBackendFactory._create_backend", "TorchNativeAttnBackend.forward_extend",
-                            "TorchNativeAttnBackend.init_forward_metadata", "eagle_utils._verify_uses_greedy"]
+    assert got["hooks"] == ["DraftBackendFactory._create_backend", "LogitsProcessor._compute_lm_head",
+                            "TorchNativeAttnBackend.forward_extend", "TorchNativeAttnBackend.init_forward_metadata",
+                            "UnquantizedLinearMethod.apply", "eagle_utils._verify_uses_greedy"]
     assert got["tree_sampling"] == "sgl_kernel.speculative"  # the shim's, bound into SGLang's verify
 
 

@@ -57,6 +57,8 @@ def install() -> bool:
       process imported before install() keep their CPU checks, which is harmless where no model runs (the main
       process). An explicit value, such as 0, is respected;
     - leaves `SGLANG_NATIVE_MOVE_KV_CACHE` alone: the shim's `copy_all_layer_kv_cache_cpu` does the same row copy;
+    - runs float32 matmuls (linear layers, LM head) by the routine this machine runs fastest at the batch's row count
+      (`flexdraft_sgl.patches.cpu_linear`), in plain decoding as much as in speculative steps;
     - registers the TARGET_VERIFY hooks on the torch_native attention backend (`flexdraft_sgl.patches.
       torch_native_verify`), the EAGLE draft backends for it (`eagle_torch_native_draft`) and sampled EAGLE-family
       verification (`eagle_cpu_sampling`), which `load_plugins()` applies after the plugins ran.
@@ -74,8 +76,9 @@ def install() -> bool:
     _prepend_path(str(SHIM_DIR))
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
-    from ...patches import eagle_cpu_sampling, eagle_torch_native_draft, torch_native_verify
+    from ...patches import cpu_linear, eagle_cpu_sampling, eagle_torch_native_draft, torch_native_verify
 
+    cpu_linear.register_hooks()
     torch_native_verify.register_hooks()
     eagle_torch_native_draft.register_hooks()
     eagle_cpu_sampling.register_hooks()
