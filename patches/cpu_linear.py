@@ -142,10 +142,13 @@ def machine_choice(width: int) -> dict[int, str]:
     except (OSError, ValueError, KeyError):
         pass
     choice = measure_choice(width)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"width": width, "threads": torch.get_num_threads(), "choice": choice}))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"width": width, "threads": torch.get_num_threads(), "choice": choice}))
+        tmp.replace(path)
+    except OSError as e:  # a read-only cache: every process measures for itself
+        logger.warning("could not keep the CPU matmul choice in %s: %s", path, e)
     return choice
 
 

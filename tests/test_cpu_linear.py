@@ -118,6 +118,14 @@ def test_auto_measures_once_per_machine_and_buckets_row_counts(routing, monkeypa
     assert cpu_linear.routine_for(1, 96) == "by_rows" and widths == [96, 96]
 
 
+def test_a_read_only_cache_only_costs_a_measurement(routing, monkeypatch, tmp_path):
+    routing("auto")
+    (tmp_path / "cpu-linear").write_text("a file where the folder should be")
+    monkeypatch.setenv("FLEXDRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_linear, "measure_choice", lambda width: {m: "by_rows" for m in cpu_linear.BUCKETS})
+    assert cpu_linear.routine_for(3, 96) == "by_rows"
+
+
 def test_measure_choice_picks_a_routine_per_bucket():
     choice = cpu_linear.measure_choice(64, buckets=(1, 8), repeats=1, budget_bytes=1 << 20)
     assert set(choice) == {1, 8} and set(choice.values()) <= {"blas", "by_rows", "packed"}
