@@ -46,6 +46,7 @@ LINEAR_METHOD = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod"
 LOGITS_PROCESSOR = "sglang.srt.layers.logits_processor.LogitsProcessor"
 ENV = "FLEXDRAFT_CPU_LINEAR"
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 128)
+MAX_PROBE_PAIRS = 32
 MIN_GAIN = 0.9  # another routine replaces F.linear for a bucket only when it takes at most this fraction of its time
 
 
@@ -85,12 +86,17 @@ def _run(routine: str, x2: torch.Tensor, weight, bias, owner) -> torch.Tensor:
     return F.linear(x2, weight, bias)
 
 
+def probe_pairs(width: int, budget_bytes: int = 256 << 20) -> int:
+    """How many [3w, w] + [w, 3w] weight pairs the probe streams: the budget's worth, 1 to MAX_PROBE_PAIRS."""
+    return max(1, min(MAX_PROBE_PAIRS, budget_bytes // (2 * 3 * width * width * 4)))
+
+
 def measure_choice(width: int, buckets=BUCKETS, repeats: int = 3, budget_bytes: int = 256 << 20) -> dict[int, str]:
     """For each bucket (a row count), the routine to run on this machine. Weights of shape [3w, w] and [w, 3w], enough
-    copies (256 MiB) to stream from memory as a real model's do; the routines alternate so that a busy spell of the
-    machine falls on all of them. A few seconds on an idle 2-core machine."""
-    pair_bytes = 2 * 3 * width * width * 4
-    layers = [(torch.nn.Module(), torch.randn(3 * width, width)) for _ in range(max(2, budget_bytes // pair_bytes))]
+    copies (256 MiB, at most MAX_PROBE_PAIRS pairs: a tiny model's weights stay in cache anyway) to stream from memory
+    as a real model's do; the routines alternate so that a busy spell of the machine falls on all of them. A few
+    seconds on an idle 2-core machine."""
+    layers = [(torch.nn.Module(), torch.randn(3 * width, width)) for _ in range(probe_pairs(width, budget_bytes))]
     layers += [(torch.nn.Module(), torch.randn(width, 3 * width)) for _ in range(len(layers))]
     routines = ["blas", "by_rows"]
     try:

@@ -127,5 +127,13 @@ def test_a_read_only_cache_only_costs_a_measurement(routing, monkeypatch, tmp_pa
 
 
 def test_measure_choice_picks_a_routine_per_bucket():
-    choice = cpu_linear.measure_choice(64, buckets=(1, 8), repeats=1, budget_bytes=1 << 20)
+    choice = cpu_linear.measure_choice(64, buckets=(1, 8), repeats=1)
     assert set(choice) == {1, 8} and set(choice.values()) <= {"blas", "by_rows", "packed"}
+
+
+def test_the_probe_streams_a_bounded_number_of_weights():
+    # A test model's width must not multiply its tiny weights by the thousand (servers of such models once timed out
+    # at start-up measuring 5,000 of them); a wide model's still gets one pair.
+    assert cpu_linear.probe_pairs(64) == cpu_linear.MAX_PROBE_PAIRS
+    assert cpu_linear.probe_pairs(576) == 32  # SmolLM2: 32 pairs of 8 MiB, the 256 MiB budget
+    assert cpu_linear.probe_pairs(4096) == 1
