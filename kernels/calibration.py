@@ -32,7 +32,13 @@ def calibrated_drafts(calibration: CalibrationMLP, bonus_embedding: Tensor, hidd
                       temperatures: Tensor | None = None) -> CalibratedDrafts:
     """What a draft step reads, from final-normed draft `hidden` and `head` (hidden -> logits, the target's LM head).
     A logits-form calibration goes through `calibrate` (the fused kernels on a GPU); a hidden-form one adds its small
-    correction before the head, which leaves only the softmax statistics to compute."""
+    correction before the head, which leaves only the softmax statistics to compute: over the head's draft vocabulary
+    alone when it has one (`DraftHead`) and no row samples."""
+    token_ids = getattr(head, "token_ids", None)
+    if calibration.form == "hidden" and token_ids is not None and temperatures is None:
+        compact = head.compact(hidden + calibration(bonus_embedding, hidden)).float()
+        drafts = drafts_from_logits(compact)
+        return CalibratedDrafts(None, token_ids[drafts.tokens], drafts.top, None)
     if calibration.form == "hidden":
         return drafts_from_logits(calibration.logits(bonus_embedding, hidden, head).float(), temperatures)
     return calibrate(calibration, bonus_embedding, hidden, head(hidden), temperatures)

@@ -122,7 +122,7 @@ def test_broken_adapter_folders_give_clear_errors(tmp_path):
 def test_a_draft_vocabulary_restricts_drafts_and_survives_save_and_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from flexdraft_sgl.adapter.modules import draft_head
+    from flexdraft_sgl.adapter.modules import DraftHead
 
     model = tiny_target("llama")
     vocab = model.config.vocab_size
@@ -137,7 +137,7 @@ def test_a_draft_vocabulary_restricts_drafts_and_survives_save_and_load(tmp_path
     # The head: the target's logits on the draft vocabulary, -inf on every other token.
     weight, hidden = torch.randn(vocab, 32), torch.randn(2, 3, 32)
     logits = loaded.draft_head(weight)(hidden)
-    full = draft_head(weight, None, vocab)(hidden)
+    full = DraftHead(weight, None, vocab)(hidden)
     assert logits.shape == full.shape == (2, 3, vocab)
     assert torch.allclose(logits[..., ids], full[..., ids])
     others = torch.ones(vocab, dtype=torch.bool)

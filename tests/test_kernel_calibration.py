@@ -154,5 +154,31 @@ def test_hidden_form_is_the_logits_form_factored_through_the_head():
         kernels.calibrate_triton(hidden_form, bonus, hidden, hidden @ head.T, t)
 
 
+def test_greedy_drafts_over_a_draft_vocabulary_read_only_its_logits():
+    """All rows greedy with a draft vocabulary: the argmax and confidence are computed over its V' logits alone and
+    equal what the full [.., V] logits (-inf off the vocabulary) give, ties included (lowest token id wins)."""
+    from flexdraft_sgl.adapter.modules import DraftHead
+
+    g = torch.Generator().manual_seed(2)
+    H, rank, V = 32, 16, 300
+    calibration = CalibrationMLP(H, rank, V, form="hidden").requires_grad_(False)
+    for p in calibration.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    weight = torch.randn(V, H, generator=g)
+    weight[41] = weight[7]  # two draft-vocabulary tokens with equal logits everywhere: a tie on every row
+    vocab = torch.tensor([250, 41, 3, 7, 99, 120, 18])  # most frequent first, not sorted
+    head = DraftHead(weight, vocab, V)
+    bonus, hidden = torch.randn(4, 5, H, generator=g), torch.randn(4, 5, H, generator=g)
+    compact = kernels.calibrated_drafts(calibration, bonus, hidden, head, None)
+    full = kernels.drafts_from_logits(calibration.logits(bonus, hidden, head).float())
+    assert compact.logits is None and compact.probs is None  # nothing reads them when every row is greedy
+    assert torch.equal(compact.tokens, full.tokens) and torch.isin(full.tokens, vocab).all()
+    torch.testing.assert_close(compact.top, full.top, rtol=1e-6, atol=0)
+    assert (compact.tokens == 7).any() and not (compact.tokens == 41).any()  # ties went to the lower id
+    sampled = kernels.calibrated_drafts(calibration, bonus, hidden, head, torch.full((4, 5), 0.8))
+    assert sampled.logits.shape == sampled.probs.shape == (4, 5, V)  # a sampling row needs the whole distribution
+    assert torch.equal(sampled.tokens, full.tokens)
+
+
 if __name__ == "__main__":
     run_interpreted(sys.argv[1])

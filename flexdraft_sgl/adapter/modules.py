@@ -9,7 +9,7 @@
   calibration        Linear(2H -> r) -> SiLU -> Linear(r -> V) over [embedding(bonus), final-normed mask hidden],
                      added to the mask row's draft logits (or Linear(r -> H) added before the LM head: `CalibrationMLP`)
   draft_vocab        [V'] (optional): the token ids drafts are drawn from, the most frequent in the training answers;
-                     a draft row then reads V' rows of the LM head instead of all V (`draft_head`)
+                     a draft row then reads V' rows of the LM head instead of all V (`DraftHead`)
 
 Saved as a folder: `flexdraft_adapter.json` (AdapterConfig), `adapter.safetensors`, and `config.json`, the target's
 own Hugging Face config: SGLang reads `--speculative-draft-model-path` as a model config for every algorithm, and this
@@ -114,20 +114,28 @@ class CalibrationMLP(nn.Module):
         return head(hidden)[..., :self.vocab_size] + correction  # a padded vocabulary keeps its first V columns
 
 
-def draft_head(lm_head_weight: Tensor, draft_vocab: Tensor | None, vocab_size: int):
-    """hidden -> draft logits [..., vocab_size]. Without a draft vocabulary: the target's LM head. With one: only the
-    head's rows for those tokens are multiplied (SmolLM2: 4,096 of 49,152, the head being a fifth of a decode step's
-    weights) and every other token's logit is -inf, so it is never drafted and has draft probability 0. Only drafts
-    read this head; verification reads the target's own, so the restriction can cost acceptance, never correctness."""
-    if draft_vocab is None:
-        return lambda hidden: F.linear(hidden, lm_head_weight)
-    rows = lm_head_weight[draft_vocab]  # gathered once: [V', H]
+class DraftHead:
+    """hidden -> draft logits [..., vocab_size]: the target's LM head, or with a draft vocabulary only the head's rows
+    for those tokens (SmolLM2: 4,096 of 49,152, the head being a fifth of a decode step's weights) and every other
+    token's logit -inf, so it is never drafted and has draft probability 0. Only drafts read this head; verification
+    reads the target's own, so the restriction can cost acceptance, never correctness. `linear` computes F.linear
+    (the SGLang worker passes its CPU routine)."""
 
-    def head(hidden: Tensor) -> Tensor:
-        logits = hidden.new_full((*hidden.shape[:-1], vocab_size), float("-inf"))
-        return logits.scatter_(-1, draft_vocab.expand(*hidden.shape[:-1], -1), F.linear(hidden, rows))
+    def __init__(self, lm_head_weight: Tensor, draft_vocab: Tensor | None, vocab_size: int, linear=F.linear):
+        self.vocab_size, self.linear = vocab_size, linear
+        # Sorted, so that the first maximum over `compact` logits is the first over the full vocabulary (argmax ties).
+        self.token_ids = None if draft_vocab is None else draft_vocab.sort().values
+        self.rows = lm_head_weight if draft_vocab is None else lm_head_weight[self.token_ids]  # gathered once
 
-    return head
+    def compact(self, hidden: Tensor) -> Tensor:
+        """Logits [..., V'] of the draft vocabulary's tokens alone, in `token_ids` order (all of the head's without)."""
+        return self.linear(hidden, self.rows)
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        if self.token_ids is None:
+            return self.compact(hidden)
+        logits = hidden.new_full((*hidden.shape[:-1], self.vocab_size), float("-inf"))
+        return logits.scatter_(-1, self.token_ids.expand(*hidden.shape[:-1], -1), self.compact(hidden))
 
 
 class FlexDraftAdapter(nn.Module):
@@ -159,10 +167,10 @@ class FlexDraftAdapter(nn.Module):
         other.target_hf_config = self.target_hf_config
         return other
 
-    def draft_head(self, lm_head_weight: Tensor):
-        """The LM head the drafts read (`draft_head`), over the target's `lm_head_weight`."""
+    def draft_head(self, lm_head_weight: Tensor, linear=F.linear):
+        """The LM head the drafts read (`DraftHead`), over the target's `lm_head_weight`."""
         vocab = None if self.draft_vocab is None else self.draft_vocab.to(lm_head_weight.device)
-        return draft_head(lm_head_weight, vocab, self.config.target.vocab_size)
+        return DraftHead(lm_head_weight, vocab, self.config.target.vocab_size, linear)
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod

@@ -92,15 +92,15 @@ class CalibratedDrafts:
     """What a draft step reads from its calibrated draft logits (produced in one pass by
     `flexdraft_sgl.kernels.calibration.calibrate`)."""
 
-    logits: Tensor  # [..., V] float32 calibrated draft logits
+    logits: Tensor | None  # [..., V] float32 calibrated draft logits (None when every row is greedy: unread)
     tokens: Tensor  # [...] int64 argmax of logits (lowest index on ties, like torch.argmax)
     top: Tensor  # [...] float32 max of softmax(logits) at temperature 1: the verify-length rule's confidence
     probs: Tensor | None  # [..., V] float32 softmax(logits / temperature) if temperatures were given, else None
 
     def select(self, index: Tensor) -> CalibratedDrafts:
         """These requests' drafts (index into the first dimension)."""
-        return CalibratedDrafts(self.logits[index], self.tokens[index], self.top[index],
-                                None if self.probs is None else self.probs[index])
+        pick = lambda x: None if x is None else x[index]  # noqa: E731
+        return CalibratedDrafts(pick(self.logits), self.tokens[index], self.top[index], pick(self.probs))
 
 
 def draw_drafts(drafts: CalibratedDrafts, params: SamplingParams, generator: torch.Generator | None,

@@ -18,13 +18,13 @@ of reading the final N layers' weights a second time.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapter import FlexDraftAdapter
 from ..core.sampling import CalibratedDrafts
 from ..kernels.calibration import calibrated_drafts
 from ..kernels.mask_attention import FlashInferMaskAttention, attend, flashinfer_available
+from ..patches.cpu_linear import cpu_linear
 from .profile import OFF
 
 
@@ -125,14 +125,7 @@ class MaskBlockDrafter(nn.Module):
         )
         self.mask_embedding = adapter.mask_embedding.detach().to(self.device, self.dtype)
         self.calibration = adapter.calibration.to(self.device, self.dtype)
-        self._draft_vocab_head = None  # the LM head over the adapter's draft vocabulary alone, if it has one
-        if adapter.draft_vocab is not None:
-            weight = model.lm_head.weight
-            if tp_size() > 1:  # this rank holds a slice of the (padded) vocabulary: gather it once, keep V' rows
-                from sglang.srt.distributed import tensor_model_parallel_all_gather
-
-                weight = tensor_model_parallel_all_gather(weight.contiguous(), dim=0)
-            self._draft_vocab_head = adapter.draft_head(weight)
+        self.head = self._draft_head(model, adapter)
         self._flashinfer: FlashInferMaskAttention | None = None  # created at the first GPU step
 
     def _plan_attention(self, qo_indptr: Tensor, kv_indptr: Tensor, kv_indices: Tensor):
@@ -186,14 +179,20 @@ class MaskBlockDrafter(nn.Module):
 
         hidden = self.model.model.norm(x).view(bs, B, -1)[:, 1:]
         bonus_embedding = self.model.model.embed_tokens(bonus)[:, None].expand_as(hidden)
-        return calibrated_drafts(self.calibration, bonus_embedding, hidden, self._lm_head, temperatures)
+        return calibrated_drafts(self.calibration, bonus_embedding, hidden, self.head, temperatures)
 
-    def _lm_head(self, hidden: Tensor) -> Tensor:
-        if self._draft_vocab_head is not None:
-            return self._draft_vocab_head(hidden)
-        logits = F.linear(hidden, self.model.lm_head.weight)
-        if tp_size() > 1:  # the LM head holds this rank's slice of the (padded) vocabulary
+    @staticmethod
+    def _draft_head(model: nn.Module, adapter: FlexDraftAdapter):
+        """The LM head drafts read (`DraftHead`): over the adapter's draft vocabulary alone if it has one. Under
+        tensor parallelism each rank holds a slice of the (padded) vocabulary: a draft vocabulary's rows are gathered
+        once, the whole head's logits at every call."""
+        weight, linear = model.lm_head.weight, cpu_linear  # F.linear, by the fastest routine on a CPU
+        if tp_size() > 1:
             from sglang.srt.distributed import tensor_model_parallel_all_gather
 
-            logits = tensor_model_parallel_all_gather(logits.contiguous(), dim=-1)
-        return logits
+            if adapter.draft_vocab is not None:
+                weight = tensor_model_parallel_all_gather(weight.contiguous(), dim=0)
+            else:
+                def linear(h: Tensor, w: Tensor) -> Tensor:
+                    return tensor_model_parallel_all_gather(cpu_linear(h, w).contiguous(), dim=-1)
+        return adapter.draft_head(weight, linear=linear)

@@ -108,7 +108,7 @@ class FlexDraftWorker(BaseSpecWorker):
         self.drafter = MaskBlockDrafter(self.model_runner.model, self.adapter, self.model_runner.token_to_kv_pool,
                                         self.req_to_token_pool.req_to_token, self.profile)
         self._head_share = head_share(self.model_runner.model)
-        self.profile.wrap(self.drafter, "_lm_head", "lm_head")
+        self.profile.wrap(self.drafter.head, "compact", "lm_head")
 
     def init_cuda_graphs(self):
         """After SGLang captured its verify graphs at the widest width: the other widths this mode runs."""
