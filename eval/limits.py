@@ -1,7 +1,7 @@
 """The training study's summary table (`eval/limits.sh`): every run's budget, loss, held-out row acceptance and tau,
 beside the no-network baselines on the same held-out states.
 
-    python -m flexdraft_sgl.eval.limits --data DATA --out OUT     writes OUT/summary.md and OUT/summary.json
+    python -m flexdraft_sgl.eval.limits --data DATA --out OUT     writes OUT/summary.md, summary.json and curves.png
 
 A run is OUT/<name>/ (a `flexdraft train` folder) measured in OUT/tau-<name>/ (`flexdraft eval-tau`); its snapshots
 OUT/<name>/snapshots/step-N/ measured in OUT/tau-<name>-step-N/ give curves against training length.
@@ -64,9 +64,11 @@ def run_records(out: Path) -> list[dict]:
                   "steps": c["steps"] + (c["calibration_steps"] if c["calibration"] == "second-stage" else 0),
                   "train_min": summary["train_seconds"] / 60, "loss": summary["final_loss_mean_last_100"],
                   "measured": measured(out / f"tau-{run.name}"), "curve": []}
+        # a resumed run logs the steps after its last checkpoint again: the later line of a step is the one kept
+        loss_at = {r["step"]: r["loss"] for r in _read_jsonl(run / "log.jsonl")}
         for snapshot in sorted((run / "snapshots").glob("step-*")):
             step = int(snapshot.name.split("-")[1])
-            losses = [r["loss"] for r in _read_jsonl(run / "log.jsonl") if step - 100 < r["step"] <= step]
+            losses = [loss for s, loss in loss_at.items() if step - 100 < s <= step]
             record["curve"].append({"step": step, "loss": sum(losses) / len(losses) if losses else None,
                                     "measured": measured(out / f"tau-{run.name}-{snapshot.name}")})
         records.append(record)
@@ -100,6 +102,37 @@ def markdown(records: list[dict], baselines: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_curves(records: list[dict], path: Path) -> Path | None:
+    """curves.png: each run's training loss and held-out row-1 acceptance (calibration on and off) against steps."""
+    runs = [r for r in records if r["curve"]]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_row) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        points = [p for p in r["curve"] if p["loss"] is not None]
+        line, = ax_loss.plot([p["step"] for p in points], [p["loss"] for p in points], marker="o", label=r["run"])
+        for key, style in (("row1_on", "-"), ("row1_off", "--")):
+            measured_points = [(p["step"], p["measured"][key]) for p in r["curve"] if p["measured"]]
+            if measured_points:
+                ax_row.plot(*zip(*measured_points), style, marker="o", color=line.get_color(),
+                            label=f"{r['run']}, calibration {key.removeprefix('row1_')}")
+    ax_loss.set_ylabel("training loss (mean of the 100 steps before)")
+    ax_row.set_ylabel("held-out ShareGPT row-1 acceptance")
+    for ax in (ax_loss, ax_row):
+        ax.set_xlabel("training step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="the training data folder (for the bigram baseline)")
@@ -112,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     records = run_records(out)
     (out / "summary.json").write_text(json.dumps({"baselines": baselines, "runs": records}, indent=2))
     (out / "summary.md").write_text(markdown(records, baselines))
+    plot_curves(records, out / "curves.png")
     print(markdown(records, baselines))
     return 0
 
