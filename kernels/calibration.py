@@ -36,7 +36,7 @@ def calibrated_drafts(calibration: CalibrationMLP, bonus_embedding: Tensor, hidd
     alone when it has one (`DraftHead`) and no row samples."""
     token_ids = getattr(head, "token_ids", None)
     if calibration.form == "hidden" and token_ids is not None and temperatures is None:
-        compact = head.compact(hidden + calibration(bonus_embedding, hidden)).float()
+        compact = head.compact(calibration.corrected(bonus_embedding, hidden)).float()
         drafts = drafts_from_logits(compact)
         return CalibratedDrafts(None, token_ids[drafts.tokens], drafts.top, None)
     if calibration.form == "hidden":

@@ -106,12 +106,16 @@ class CalibrationMLP(nn.Module):
             bonus_embedding, hidden = _unit_rms(bonus_embedding), _unit_rms(hidden)
         return self.down(nn.functional.silu(self.up(torch.cat([bonus_embedding, hidden], dim=-1))))
 
+    def corrected(self, bonus_embedding: Tensor, hidden: Tensor) -> Tensor:
+        """Form "hidden": the final-normed state with the correction added, what the LM head reads."""
+        return hidden + self(bonus_embedding, hidden)
+
     def logits(self, bonus_embedding: Tensor, hidden: Tensor, head) -> Tensor:
         """Calibrated draft logits of final-normed `hidden`; `head` maps hidden states to logits (the LM head)."""
-        correction = self(bonus_embedding, hidden)
         if self.form == "hidden":
-            return head(hidden + correction)[..., :self.vocab_size]
-        return head(hidden)[..., :self.vocab_size] + correction  # a padded vocabulary keeps its first V columns
+            return head(self.corrected(bonus_embedding, hidden))[..., :self.vocab_size]
+        # a padded vocabulary keeps its first V columns
+        return head(hidden)[..., :self.vocab_size] + self(bonus_embedding, hidden)
 
 
 class DraftHead:
