@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ import sglang_harness as harness
 from conftest import hf_greedy
 
 from flexdraft_sgl.patches.torch_native_verify import _request_masks
-from flexdraft_sgl.sglang import cpu
+from flexdraft_sgl.sglang import cpu, launch
+from flexdraft_sgl.sglang.launch import free_port as launch_free_port
 from flexdraft_sgl.sglang.cpu.sgl_kernel_shim import sgl_kernel as shim
 
 EOS = 2
@@ -154,7 +156,8 @@ def test_install_is_a_no_op_with_a_real_sgl_kernel(monkeypatch, tmp_path):
 INSTALL_CHECK = """
 import json, multiprocessing, os, subprocess, sys
 sys.path.insert(0, {broken!r})  # an sgl_kernel that fails to import, like the CUDA wheel without libcuda
-from flexdraft_sgl.sglang import cpu
+from flexdraft_sgl.sglang import cpu, launch
+from flexdraft_sgl.sglang.launch import free_port as launch_free_port
 from sglang.srt.plugins.hook_registry import HookRegistry
 first, second = cpu.install(), cpu.install()
 from sglang.srt.speculative import eagle_utils
@@ -225,11 +228,19 @@ def test_plain_sglang_greedy_equals_hugging_face(smollm2, prompts, plain_sglang)
 
 @pytest.mark.slow
 @needs_cpu_sglang
-def test_sglang_server_greedy_equals_hugging_face(smollm2, prompts):
+def test_sglang_server_greedy_equals_hugging_face(smollm2, prompts, monkeypatch):
+    """Also: a server whose port another process took while it started (its uvicorn then hangs instead of exiting)
+    is restarted on a fresh port."""
     model, tokenizer = smollm2
     prompt = prompts["chat"][0]
     expected = hf_greedy(model, prompt, 32, eos=EOS)
-    with harness.cpu_server() as server:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or launch_free_port())
+    with taken, harness.cpu_server() as server:
+        assert server.port != taken.getsockname()[1]
         native = server.post("/generate", {"input_ids": prompt,
                                            "sampling_params": {"temperature": 0, "max_new_tokens": 32}})
         chat = server.post("/v1/chat/completions", {"model": "default", "temperature": 0, "max_tokens": 32,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -58,10 +59,18 @@ def server_env(extra: dict | None = None) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(low: int = 15000, high: int = 21999) -> int:
+    """A free local port below the kernel's ephemeral range and below SGLang's own picks (22000-29999). The server
+    binds it only after ~20 s of start-up, and a port from bind(0) is ephemeral: meanwhile the kernel may hand it to
+    any socket the start-up opens itself (CI lost a run to exactly that)."""
+    for port in random.sample(range(low, high + 1), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 class SGLangServer:
@@ -71,10 +80,12 @@ class SGLangServer:
     LAUNCH_SERVER = (sys.executable, "-m", "sglang.launch_server")
     SERVE = (str(Path(sys.executable).with_name("sglang")), "serve")  # the `sglang serve` command
 
+    PORT_TAKEN = "address already in use"  # uvicorn's bind error; the server then hangs instead of exiting
+    START_ATTEMPTS = 3
+
     def __init__(self, args: list[str], env: dict | None = None, startup_timeout: float = 300.0,
                  launcher: tuple[str, ...] = LAUNCH_SERVER):
-        self.port = free_port()
-        self.args = [*launcher, *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.command = [*launcher, *args, "--host", "127.0.0.1"]
         self.env = server_env(env)
         self.startup_timeout = startup_timeout
         self.log_path = Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
@@ -88,9 +99,17 @@ class SGLangServer:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def __enter__(self) -> SGLangServer:
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        for _ in range(self.START_ATTEMPTS):
+            if self._start():
+                return self
+        raise RuntimeError(f"SGLang server found its port taken {self.START_ATTEMPTS} times:\n{self.log_tail()}")
+
+    def _start(self) -> bool:
+        """Start on a fresh port and wait until healthy; False when another process took the port first."""
+        self.port = free_port()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([*self.command, "--port", str(self.port)], stdout=log,
+                                         stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -98,9 +117,12 @@ class SGLangServer:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
-                        return self
+                        return True
             except OSError:
                 pass
+            if self.PORT_TAKEN in self.log_tail().lower():
+                self.__exit__(None, None, None)
+                return False
             time.sleep(1.0)
         self.__exit__(None, None, None)
         raise TimeoutError(f"SGLang server not healthy after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
