@@ -156,8 +156,7 @@ def test_install_is_a_no_op_with_a_real_sgl_kernel(monkeypatch, tmp_path):
 INSTALL_CHECK = """
 import json, multiprocessing, os, subprocess, sys
 sys.path.insert(0, {broken!r})  # an sgl_kernel that fails to import, like the CUDA wheel without libcuda
-from flexdraft_sgl.sglang import cpu, launch
-from flexdraft_sgl.sglang.launch import free_port as launch_free_port
+from flexdraft_sgl.sglang import cpu
 from sglang.srt.plugins.hook_registry import HookRegistry
 first, second = cpu.install(), cpu.install()
 from sglang.srt.speculative import eagle_utils

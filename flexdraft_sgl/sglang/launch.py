@@ -62,7 +62,8 @@ def server_env(extra: dict | None = None) -> dict:
 def free_port(low: int = 15000, high: int = 21999) -> int:
     """A free local port below the kernel's ephemeral range and below SGLang's own picks (22000-29999). The server
     binds it only after ~20 s of start-up, and a port from bind(0) is ephemeral: meanwhile the kernel may hand it to
-    any socket the start-up opens itself (CI lost a run to exactly that)."""
+    any socket the start-up opens itself (CI lost a run to exactly that). Not SGLang's get_free_port_below_ephemeral:
+    it falls back to an ephemeral port."""
     for port in random.sample(range(low, high + 1), 64):
         with socket.socket() as s:
             try:
