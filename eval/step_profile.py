@@ -223,7 +223,7 @@ def report(points: list[dict], *, model: str, adapter: str, prompt_len: int, max
 
 
 def main(argv=None) -> int:
-    from flexdraft_sgl.default_model import default_adapter_path, default_model_dir
+    from flexdraft_sgl.default_model import default_adapter_path, prepare_default_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="target folder (default: the embedded SmolLM2)")
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.batch_sizes, args.max_new_tokens, args.prompt_len, args.skip = "4", "1,4", 16, 32, 1
-    model = args.model or str(default_model_dir())
+    model = args.model or str(prepare_default_model())
     adapter = args.adapter or str(default_adapter_path())
     out = Path(args.out)
     settings = dict(prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -279,7 +279,7 @@ def workload(server: SGLangServer, prompts, stop_cases):
     logprob = server.post("/generate", {"input_ids": prompts[0], "return_logprob": True, "top_logprobs_num": 2,
                                         "sampling_params": {"max_new_tokens": 12, "temperature": 0,
                                                             "ignore_eos": True}})
-    results["logprobs"] = [round(lp[0], 4) for lp in logprob["meta_info"]["output_token_logprobs"]]
+    results["logprobs"] = [lp[0] for lp in logprob["meta_info"]["output_token_logprobs"]]
     results["top_logprobs"] = [[t[1] for t in top] for top in logprob["meta_info"]["output_top_logprobs"]]
     # radix cache: a long prompt twice; the second reuses the first's committed KV
     long_prompt = (prompts[1] * 8)[:48]
@@ -325,6 +325,9 @@ def test_serving_robustness_matches_plain_and_leaks_nothing(tiny):
                                                                                        **unsupported}})
         assert generate_all(server, prompts[:1], ignore_eos=True)[0]["output_ids"] == expected["concurrent"][0]
         log = server.log_tail(200000)
+    # Logprobs come from a multi-row verify forward here and a one-row decode there: float32 matmuls of other shapes
+    # (other routines, on some CPUs) round differently in the last digits, so they agree to a tolerance, tokens exactly.
+    assert got.pop("logprobs") == pytest.approx(expected.pop("logprobs"), abs=1e-3)
     for key in expected:
         assert got[key] == expected[key], key
     assert all(out[-1] == tok and reason == "stop" for (out, reason), (_, tok) in zip(got["stops"], stop_cases))

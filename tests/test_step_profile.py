@@ -153,3 +153,24 @@ def test_step_to_step_interval_holds_the_scheduler_time_between_steps(tmp_path):
         pass
     starts = [json.loads(x)["start"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert starts == [5, 9]
+
+
+def test_plain_baseline_ratios_are_within_a_set_of_servers():
+    from flexdraft_sgl.eval.plain_baseline import markdown, summarize
+
+    # Set 0 is a slow set of processes, set 1 a fast one; within each, flex-plain runs 10% above plain.
+    bursts = []
+    for set_, scale in ((0, 1.0), (1, 1.5)):
+        for round_, noise in enumerate((1.0, 1.2, 0.9)):
+            for server, speed in (("plain", 10.0), ("flex-plain", 11.0)):
+                bursts.append({"set": set_, "round": round_, "bs": 8, "server": server, "tokens": 100,
+                               "seconds": 100 / (speed * scale * noise), "step": 0.1 / (speed * scale)})
+    rows = {(r["set"], r["server"]): r for r in summarize(bursts)["rows"]}
+    assert rows[0, "plain"]["tokens_per_s"] == pytest.approx(10.0)  # the median round
+    assert rows[1, "plain"]["tokens_per_s"] == pytest.approx(15.0)
+    assert rows[0, "plain"]["tps_spread"] == pytest.approx((9.0, 12.0))
+    assert rows[0, "flex-plain"]["vs_plain"] == pytest.approx(1.1)
+    assert rows[1, "flex-plain"]["vs_plain"] == pytest.approx(1.1)
+    assert rows[1, "plain"]["vs_plain"] == pytest.approx(1.0)
+    text = markdown(summarize(bursts), ("plain", "flex-plain"))
+    assert "### batch 8" in text and "| 1 | 15.0 (13.5-18.0) | 16.5" in text and "| 1.10 |" in text
