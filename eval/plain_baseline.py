@@ -27,11 +27,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from flexdraft_sgl.eval.step_profile import _generate, _prompts, _read_from, _size, steady
+from flexdraft_sgl.eval.step_profile import _generate, _prompts, profiled_burst
 
 SERVERS = ("plain", "plain-sync", "flex-plain")
 
@@ -123,12 +122,7 @@ def run(model: str, adapter: str, out: Path, *, servers, sets: int, rounds: int,
                 for bs in batch_sizes:
                     prompts = _prompts(bs, prompt_len, vocab, seed=1000 * r + bs)
                     for name in order:
-                        server, raw = live[name]
-                        offset = _size(raw)
-                        start = time.perf_counter()
-                        replies = _generate(server, prompts, max_new_tokens)
-                        seconds = time.perf_counter() - start
-                        lines = steady(_read_from(raw, offset), bs, skip)
+                        replies, lines, seconds = profiled_burst(*live[name], prompts, max_new_tokens, 0.0, skip)
                         mine.append({"set": set_, "round": r, "bs": bs, "server": name, "seconds": seconds,
                                      "tokens": sum(len(x["output_ids"]) for x in replies),
                                      "step": statistics.mean(x["total"] for x in lines) if lines else None})

@@ -31,6 +31,7 @@ import json
 import random
 import statistics
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,6 +154,17 @@ def _generate(server, prompts: list[list[int]], max_new_tokens: int, temperature
                              prompts))
 
 
+def profiled_burst(server, raw: Path, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                   skip: int) -> tuple[list[dict], list[dict], float]:
+    """Send `prompts` at once: their replies, the full-batch steps they ran (read from the server's profile file
+    `raw`, the first `skip` dropped) and the wall seconds the burst took."""
+    offset = _size(raw)
+    start = time.perf_counter()
+    replies = _generate(server, prompts, max_new_tokens, temperature)
+    seconds = time.perf_counter() - start
+    return replies, steady(_read_from(raw, offset), len(prompts), skip), seconds
+
+
 def profile_server(name: str, args: list[str], env: dict, out: Path, batch_sizes, *, vocab: int, prompt_len: int,
                    max_new_tokens: int, temperature: float, skip: int, log=print) -> list[dict]:
     """Start one server with FLEXDRAFT_PROFILE=out/raw/<name>.jsonl; per batch size, the steady steps' figures."""
@@ -164,9 +176,8 @@ def profile_server(name: str, args: list[str], env: dict, out: Path, batch_sizes
     with SGLangServer(args, env={**env, "FLEXDRAFT_PROFILE": str(raw)}, startup_timeout=900) as server:
         _generate(server, _prompts(1, prompt_len, vocab, seed=99), 8)  # warm-up
         for bs in batch_sizes:
-            offset = _size(raw)
-            replies = _generate(server, _prompts(bs, prompt_len, vocab, seed=bs), max_new_tokens, temperature)
-            lines = steady(_read_from(raw, offset), bs, skip)
+            replies, lines, _ = profiled_burst(server, raw, _prompts(bs, prompt_len, vocab, seed=bs), max_new_tokens,
+                                               temperature, skip)
             verify = sum(r["meta_info"].get("spec_verify_ct", 0) for r in replies)
             tokens = sum(len(r["output_ids"]) for r in replies)
             points.append({"server": name, "bs": bs, "tokens_per_step": tokens / verify if verify else None,

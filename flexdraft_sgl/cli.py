@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+DEMO_GPU_MEM_FRACTION = 0.4  # the demo's two servers share one GPU
 DRAFT_VOCAB_HELP = ("drafts come from the N tokens most frequent in the training answers alone, so a draft row reads N "
                     "rows of the LM head instead of all (hidden-form calibration only; verification is unchanged)")
 
@@ -400,12 +401,14 @@ def cmd_demo(args) -> int:
                "max_tokens": args.max_new_tokens, "temperature": 0, "return_token_ids": True}
     # Both servers stay up and answer in alternation, the median of `--rounds` timed answers each: a slow minute of
     # the machine falls on both alike, and neither is timed in a process started minutes apart from the other's.
-    # --sleep-on-idle keeps the waiting one off the CPU.
+    # --sleep-on-idle keeps the waiting one off the CPU; on a GPU each takes under half its memory, since SGLang's
+    # default static fraction is meant for one server per GPU (on CPU default_server_args already sets a small one).
+    shared = ["--sleep-on-idle"] + (["--mem-fraction-static", str(DEMO_GPU_MEM_FRACTION)] if has_gpu() else [])
     with ExitStack() as stack:
         servers = {}
         for name, extra in (("plain", []), ("FLEXDRAFT", flexdraft_args(adapter))):
             print(f"starting SGLang ({name}) ...", file=sys.stderr)
-            servers[name] = stack.enter_context(SGLangServer(default_server_args(model) + extra + ["--sleep-on-idle"]))
+            servers[name] = stack.enter_context(SGLangServer(default_server_args(model) + extra + shared))
             servers[name].post("/v1/chat/completions", {**request, "max_tokens": 4})  # warm-up, not timed
         answers = {name: [] for name in servers}
         for _ in range(args.rounds):
@@ -465,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init_adapter)
 
     p = sub.add_parser("demo", help="serve FLEXDRAFT with SGLang and answer a chat request, against plain SGLang",
-                       description="Start SGLang with FLEXDRAFT and plain SGLang side by side, let them answer one chat "
-                                   "request in alternation; print the answer, the accept length and the "
+                       description="Start SGLang with FLEXDRAFT and plain SGLang side by side, let them answer one "
+                                   "chat request in alternation; print the answer, the accept length and the "
                                    "measured speed-up.")
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument("--model", default="default", help="Hugging Face folder of the target; 'default' = SmolLM2")

@@ -299,8 +299,11 @@ class _FakeServer:
 
     outputs: dict = {}
 
+    started: list = []
+
     def __init__(self, args, **kwargs):
         self.ids = self.outputs["FLEXDRAFT" if "FLEXDRAFT" in args else "plain"]
+        self.started.append(args)
 
     def __enter__(self):
         return self
@@ -332,6 +335,15 @@ def test_demo_reports_where_outputs_diverge_and_fails_only_in_float32(monkeypatc
     monkeypatch.setattr(_FakeServer, "outputs", {"plain": [5, 6, 7, 8], "FLEXDRAFT": [5, 6, 7, 8]})
     assert cli.cmd_demo(args) == 0
     assert "output identical to plain decoding" in capsys.readouterr().out
+    # The two servers run at once: on a GPU they split its memory instead of each claiming SGLang's default share.
+    fractions = [a[a.index("--mem-fraction-static") + 1] for a in _FakeServer.started[-2:]
+                 if "--mem-fraction-static" in a]
+    assert all("--sleep-on-idle" in a for a in _FakeServer.started[-2:])
+    if gpu:
+        assert fractions == [str(cli.DEMO_GPU_MEM_FRACTION)] * 2
+    else:  # on CPU the shared arguments' own small fraction stands, once
+        shared = launch.default_server_args("a-model")
+        assert fractions == [shared[shared.index("--mem-fraction-static") + 1]] * 2
 
 
 def test_first_difference():
